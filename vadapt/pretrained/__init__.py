@@ -1,0 +1,1 @@
+"""Readers for the checkpoint formats users hold, mapped onto vadapt's module names."""

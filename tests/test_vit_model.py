@@ -1,0 +1,75 @@
+"""ViT module: shapes, options and call-time errors (checkpoints are tested elsewhere)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vadapt.models import vit
+
+
+def _init(model, size=32):
+  return model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)))
+
+
+@pytest.mark.parametrize('classifier', ['token', 'gap', 'map'])
+def test_output_shapes(classifier):
+  model = vit.from_variant('mu/4', num_classes=7, classifier=classifier, representation_size=16)
+  variables = _init(model)
+  logits, feats = model.apply(variables, jnp.ones((2, 32, 32, 3)), return_features=True)
+  assert logits.shape == (2, 7)
+  assert feats['patches'].shape == (2, 64, 32)
+  tokens = 65 if classifier == 'token' else 64
+  assert feats['blocks'].shape == (2, 2, tokens, 32)
+  assert feats['encoded'].shape == (2, tokens, 32)
+  assert feats['pre_logits'].shape == (2, 16)
+
+
+def test_scan_matches_loop_with_same_weights():
+  loop = vit.from_variant('mu/4', num_classes=5)
+  scan = vit.from_variant('mu/4', num_classes=5, scan=True, remat=True)
+  params = _init(loop)['params']
+  head = jax.random.normal(jax.random.key(1), params['head']['kernel'].shape)
+  params = {**params, 'head': {**params['head'], 'kernel': head}}
+  blocks = [params['Transformer'].pop(f'encoderblock_{i}') for i in range(2)]
+  stacked = dict(params, Transformer=dict(params['Transformer'],
+                                          encoderblock=jax.tree.map(lambda *x: jnp.stack(x), *blocks)))
+  for i, b in enumerate(blocks):
+    params['Transformer'][f'encoderblock_{i}'] = b
+  x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  np.testing.assert_allclose(loop.apply({'params': params}, x),
+                             scan.apply({'params': stacked}, x), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_only_in_training():
+  model = vit.from_variant('mu/4', num_classes=3, dropout_rate=0.5)
+  variables = _init(model)
+  x = jnp.ones((2, 32, 32, 3))
+  np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+  model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(0)})
+
+
+def test_unknown_variant_lists_known():
+  with pytest.raises(ValueError, match='known variants:.*B/16'):
+    vit.from_variant('B/17')
+
+
+def test_unknown_option_is_an_error():
+  with pytest.raises(TypeError, match='representaton_size'):
+    vit.from_variant('mu/4', representaton_size=8)
+
+
+def test_wrong_channel_count():
+  model = vit.from_variant('mu/4', num_classes=3)
+  variables = _init(model)
+  with pytest.raises(ValueError, match=r'\(batch, height, width, 3\); found shape \(2, 32, 32, 1\)'):
+    model.apply(variables, jnp.ones((2, 32, 32, 1)))
+
+
+def test_wrong_image_size():
+  model = vit.from_variant('mu/4', num_classes=3)
+  variables = _init(model)
+  with pytest.raises(ValueError, match='position embedding holds 65'):
+    model.apply(variables, jnp.ones((2, 48, 48, 3)))
+  with pytest.raises(ValueError, match='not divisible by the patch size 4'):
+    model.apply(variables, jnp.ones((2, 30, 30, 3)))

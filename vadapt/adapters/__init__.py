@@ -1,0 +1,7 @@
+"""Adapter modules and the serialisable configs that vadapt.inject builds them from."""
+
+from vadapt.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, bottleneck_width
+from vadapt.adapters.conv import ConvAdapter, ConvAdapterConfig
+
+__all__ = ['BottleneckAdapter', 'BottleneckConfig', 'ConvAdapter', 'ConvAdapterConfig',
+           'bottleneck_width']

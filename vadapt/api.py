@@ -1,0 +1,169 @@
+"""One-call entry points: add adapters to a backbone, and initialise them on pre-trained weights.
+
+  model = api.adapt(vit.from_variant('B/16', num_classes=10), 'houlsby', bottleneck=64)
+  params = api.init_with_pretrained(model, backbone_params, jax.random.key(0),
+                                    jnp.zeros((1, 224, 224, 3)))
+
+`backbone_params` and the result are the 'params' collection (a nested dict). Models with more
+collections (a ResNet's 'batch_stats') pass them as `backbone_state` and get full variables back.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vadapt import placements
+from vadapt.adapters.bottleneck import BottleneckConfig
+from vadapt.adapters.conv import ConvAdapterConfig
+from vadapt.inject import Adapted, Target
+from vadapt.pretrained.common import check_matches, flatten, unflatten
+
+METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv')
+
+# AdaptFormer's defaults for the parallel methods (Chen et al., 2022): s = 0.1, LayerNorm inside.
+_PARALLEL_DEFAULTS = {'scale': 0.1, 'layer_norm': True}
+
+
+def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[int] = None,
+          reduction_factor: Optional[float] = None, layers: placements.Layers = None,
+          activation: str = 'relu', scale: Optional[float] = None, learnable_scale: bool = False,
+          layer_norm: Optional[bool] = None, dropout: float = 0.0,
+          targets: Optional[Iterable[Union[Target, str]]] = None) -> Adapted:
+  """Wraps `backbone` with adapters placed by `method`.
+
+  Args:
+    backbone: a Flax model; ViT/CLIP blocks for the transformer methods, vadapt.models.resnet
+      for 'conv', or any compact model with explicit `targets`.
+    method: 'houlsby', 'pfeiffer', 'parallel' (AdaptFormer), 'parallel_attn' or 'conv'.
+    bottleneck: adapter hidden width (give this or reduction_factor).
+    reduction_factor: hidden width = input width // reduction_factor.
+    layers: None (all blocks), block indices, or placements.skip_lowest(k). Not for scan models.
+    activation: 'relu', 'gelu' or 'quick_gelu'.
+    scale: output multiplier; defaults to 0.1 for the parallel methods, else 1.0.
+    learnable_scale: train the scale.
+    layer_norm: LayerNorm inside the adapter; defaults to on for the parallel methods.
+    dropout: adapter dropout (active when the model is called with train=True).
+    targets: instead of `method`'s placement, these Targets, or module-path regexes that get the
+      adapter described by the other options ('parallel' position for the parallel methods).
+
+  Returns:
+    An inject.Adapted module; its backbone params keep their paths.
+  """
+  if method not in METHODS:
+    raise ValueError(f'Unknown adaptation method {method!r}; known methods: {", ".join(METHODS)}.')
+  targets = None if targets is None else tuple(targets)
+  if targets is not None and all(isinstance(t, Target) for t in targets):
+    given = {k: v for k, v in dict(bottleneck=bottleneck, reduction_factor=reduction_factor,
+                                   layers=layers).items() if v is not None}
+    if given:
+      raise ValueError(f'Options {sorted(given)} would be ignored: the given Targets already '
+                       'carry their adapter configs.')
+    return Adapted(backbone=backbone, targets=targets)
+
+  parallel = method in ('parallel', 'parallel_attn')
+  defaults = _PARALLEL_DEFAULTS if parallel else {'scale': 1.0, 'layer_norm': False}
+  scale = defaults['scale'] if scale is None else scale
+  layer_norm = defaults['layer_norm'] if layer_norm is None else layer_norm
+
+  if method == 'conv':
+    if learnable_scale:
+      raise ValueError("learnable_scale is not supported by method 'conv'.")
+    config = ConvAdapterConfig(bottleneck=bottleneck, reduction_factor=reduction_factor,
+                               activation=activation, layer_norm=layer_norm, dropout=dropout,
+                               scale=scale)
+  else:
+    config = BottleneckConfig(bottleneck=bottleneck, reduction_factor=reduction_factor,
+                              activation=activation, layer_norm=layer_norm, dropout=dropout,
+                              scale=scale, learnable_scale=learnable_scale)
+
+  if targets is not None:
+    if layers is not None:
+      raise ValueError('layers selects blocks for a named placement; with explicit targets put '
+                       'the selection into the patterns.')
+    bad = [t for t in targets if not isinstance(t, str)]
+    if bad:
+      raise TypeError(f'targets must all be Targets or all be regex strings; found {bad[:3]}.')
+    position = 'parallel' if parallel else 'output'
+    return Adapted(backbone=backbone, targets=tuple(
+        Target(pattern=p, adapter=config, position=position) for p in targets))
+
+  if method == 'conv':
+    if layers is not None:
+      raise ValueError("method 'conv' adapts every ResNet block; pass targets= regexes to pick "
+                       'blocks, e.g. r"BasicBlock_[4-7]".')
+    return Adapted(backbone=backbone, targets=placements.resnet_blocks(config))
+
+  if layers is not None and getattr(backbone, 'scan', False):
+    raise ValueError(
+        f'layers={layers!r} selects blocks, but this backbone runs its blocks under nn.scan '
+        '(scan=True): all blocks are one module sharing one adapter slot. Build the backbone with '
+        'scan=False (same weights, unstacked) to adapt a subset of blocks.')
+  return Adapted(backbone=backbone, targets=placements.PLACEMENTS[method](config, layers=layers))
+
+
+def _cast_like(tree: Mapping[str, Any], abstract: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: jnp.asarray(v, dtype=abstract[k].dtype) for k, v in tree.items()}
+
+
+def init_with_pretrained(model: Adapted, backbone_params: Mapping[str, Any], rng: jax.Array,
+                         *sample_args, backbone_state: Optional[Mapping[str, Any]] = None,
+                         **sample_kwargs):
+  """Initialises `model`'s adapters and puts the pre-trained backbone weights under them.
+
+  Args:
+    model: an Adapted module (from adapt or inject.Adapted).
+    backbone_params: the backbone's 'params' collection (nested dict, not {'params': ...}); it
+      must match the bare backbone exactly (keys and shapes), or CheckpointMismatchError lists
+      every difference.
+    rng: PRNG key (or dict of keys) for the adapters' initialisation.
+    *sample_args: example inputs, e.g. jnp.zeros((1, 224, 224, 3)); only shapes matter.
+    backbone_state: the backbone's other collections, e.g. {'batch_stats': ...}; required when
+      the model has any.
+    **sample_kwargs: keyword arguments for the model call (e.g. train=False).
+
+  Returns:
+    The adapted model's 'params' (backbone weights as given, cast to the model's param dtype;
+    adapters freshly initialised). With backbone_state: all variables, {'params': ..., **state}.
+  """
+  if not isinstance(model, Adapted):
+    raise TypeError(f'init_with_pretrained expects an Adapted model (from vadapt.api.adapt); '
+                    f'found {type(model).__name__}.')
+  if set(backbone_params) == {'params'}:
+    raise ValueError("backbone_params must be the 'params' collection itself; found a dict with "
+                     "only a 'params' key: pass variables['params'].")
+  init = functools.partial(model.init, **sample_kwargs)
+  adapted = jax.eval_shape(init, rng, *sample_args)
+  bare = jax.eval_shape(functools.partial(model.backbone.init, **sample_kwargs), rng,
+                        *sample_args)
+  extra_collections = sorted(set(bare) - {'params'})
+  if extra_collections and backbone_state is None:
+    raise ValueError(f'The backbone also holds collections {extra_collections}: pass them as '
+                     f'backbone_state={{{", ".join(repr(c) + ": ..." for c in extra_collections)}}} '
+                     '(the result is then the full variables dict).')
+  given = {'params': backbone_params, **dict(backbone_state or {})}
+  unexpected = sorted(set(given) - set(bare))
+  if unexpected:
+    raise ValueError(f'backbone_state holds collections {unexpected} the backbone does not have; '
+                     f'it has {sorted(bare)}.')
+
+  flat_bare = {c: flatten(bare[c]) for c in bare}
+  flat_adapted = {c: flatten(adapted[c]) for c in adapted}
+  for c in bare:
+    check_matches(flat_bare[c], flatten(given[c]), source=f'backbone {c!r}')
+  new = {c: sorted(set(flat_adapted[c]) - set(flat_bare.get(c, {}))) for c in flat_adapted}
+
+  def init_new(key):
+    variables = init(key, *sample_args)
+    return {c: {k: flatten(variables[c])[k] for k in keys} for c, keys in new.items() if keys}
+
+  # Only the adapters' leaves leave the jitted init, so the backbone's initialisers and the
+  # forward pass are dead code that XLA drops.
+  fresh = jax.jit(init_new)(rng)
+  out = {c: unflatten({**_cast_like(flatten(given[c]), flat_adapted[c]), **fresh.get(c, {})})
+         for c in flat_adapted if c in given or c in fresh}
+  return out['params'] if backbone_state is None else out

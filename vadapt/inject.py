@@ -1,0 +1,235 @@
+"""Adds adapters to an unmodified Flax backbone by method interception.
+
+``Adapted(backbone, targets)`` is a module that calls ``backbone`` with a
+``flax.linen.intercept_methods`` interceptor active. Whenever a backbone module whose '/'-joined
+path fully matches a ``Target.pattern`` runs its ``__call__``, the interceptor builds the target's
+adapter as a child of that module (so its params land at e.g.
+``Transformer/encoderblock_0/MlpBlock_0/adapter/down/kernel``) and combines it with the call:
+
+  'output'    y + adapter(y)            (Houlsby, Pfeiffer: before the residual add)
+  'parallel'  y + adapter(x)            (AdaptFormer; x is the module's first argument)
+  'input'     module(x + adapter(x))
+
+Why a wrapper module rather than a context manager around ``apply``: the interceptor must be
+entered inside the traced code, or a jitted function traced once without it silently keeps
+running without adapters (and vice versa). ``nn.share_scope`` makes the backbone use the
+wrapper's scope, so backbone parameter paths are exactly those of the bare backbone.
+
+Train flag: adapter dropout follows the call's ``train`` keyword (``deterministic`` = not train
+when the backbone takes ``deterministic`` instead); without either, adapters are deterministic.
+Calls are forwarded to the backbone unchanged.
+
+Interception can only create parameters inside ``@nn.compact`` methods, so a targeted module's
+``__call__`` must be compact (a subclass whose ``__call__`` calls a compact ``super().__call__``
+is fine: the adapter is attached at the compact level). Under ``nn.scan`` a target such as
+``Transformer/encoderblock/MlpBlock_0`` gets one adapter per layer, stacked on the scan axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+
+POSITIONS = ('output', 'parallel', 'input')
+
+
+class AdapterConfig(Protocol):
+  """What a Target needs from an adapter description (see vadapt.adapters)."""
+
+  def build(self, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...], name: str,
+            parent: nn.Module) -> nn.Module:
+    """A module mapping arrays of in_shape to out_shape, called as `m(x, deterministic=...)`."""
+
+
+class TargetNotFoundError(ValueError):
+  """A target pattern matched no module of the backbone."""
+
+
+class NotCompactError(TypeError):
+  """A targeted module's __call__ is not @nn.compact, so no adapter can be created inside it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where to put one adapter and how to combine it with the module it adapts.
+
+  Attributes:
+    pattern: regex, `re.fullmatch`-ed against the '/'-joined module path, e.g.
+      r'Transformer/encoderblock_\\d+/MlpBlock_0'.
+    adapter: the adapter's config (e.g. vadapt.adapters.BottleneckConfig); its widths come from
+      the tensors it sees.
+    position: 'output' (y + a(y)), 'parallel' (y + a(x)) or 'input' (module(x + a(x))).
+    name: the adapter's module name under the adapted module; distinct targets on the same
+      module need distinct names.
+  """
+  pattern: str
+  adapter: Any
+  position: str = 'output'
+  name: str = 'adapter'
+
+  def __post_init__(self):
+    if self.position not in POSITIONS:
+      raise ValueError(f'Unknown adapter position {self.position!r}; expected one of {POSITIONS}.')
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f'Target pattern {self.pattern!r} is not a valid regex: {e}.') from None
+    if not self.name or '/' in self.name:
+      raise ValueError(f'Target name must be a non-empty module name without "/"; '
+                       f'found {self.name!r}.')
+    if not callable(getattr(self.adapter, 'build', None)):
+      raise TypeError(f'Target adapter must be a config with a build(...) method (e.g. '
+                      f'vadapt.adapters.BottleneckConfig); found {type(self.adapter).__name__}.')
+
+
+def _is_compact(context) -> bool:
+  fun = getattr(context.orig_method, 'func', context.orig_method)
+  return bool(getattr(fun, 'compact', False))
+
+
+def _compact_call_in_bases(cls: type) -> bool:
+  """True when some base class defines a compact __call__ (reached through super().__call__)."""
+  return any(getattr(base.__dict__.get('__call__'), 'compact', False) for base in cls.__mro__[1:])
+
+
+def _first_array(args, kwargs, path: str, position: str):
+  leaves = list(args) or list(kwargs.values())
+  if not leaves or not isinstance(leaves[0], jax.Array):
+    raise TypeError(f'A {position!r} adapter on {path!r} needs the module called with an array as '
+                    f'its first argument; found {type(leaves[0]).__name__ if leaves else "none"}.')
+  return leaves[0]
+
+
+class _Interceptor:
+  """Holds one call's bookkeeping: which targets applied where, and every module path seen."""
+
+  def __init__(self, targets: tuple[Target, ...], deterministic: bool):
+    self.targets = targets
+    self.regexes = [re.compile(t.pattern) for t in targets]
+    self.deterministic = deterministic
+    self.applied: list[set[str]] = [set() for _ in targets]
+    self.seen: dict[str, str] = {}  # path -> module class name
+    self.active: set[str] = set()   # paths being adapted now (super().__call__, lifted wrappers)
+    self.in_adapter = 0             # adapters' own Dense layers must not be adapted
+
+  def __call__(self, next_fun, args, kwargs, context):
+    if context.method_name != '__call__' or self.in_adapter:
+      return next_fun(*args, **kwargs)
+    module = context.module
+    path = '/'.join(str(p) for p in module.path)
+    self.seen.setdefault(path, type(module).__name__)
+    hits = [i for i, rx in enumerate(self.regexes) if rx.fullmatch(path)]
+    if not hits or path in self.active:
+      return next_fun(*args, **kwargs)
+    if not _is_compact(context):
+      if _compact_call_in_bases(type(module)):
+        return next_fun(*args, **kwargs)  # Attach at the compact super().__call__ level.
+      raise NotCompactError(
+          f'Cannot adapt {path!r} ({type(module).__name__}): its __call__ is not @nn.compact. '
+          'Interception can only create the adapter\'s parameters inside a compact method; write '
+          'the module with @nn.compact instead of setup(), or target one of its compact '
+          'submodules.')
+    self.active.add(path)
+    try:
+      return self._adapt(module, path, hits, next_fun, args, kwargs)
+    finally:
+      self.active.discard(path)
+
+  def _run(self, target: Target, module: nn.Module, x, out_shape):
+    adapter = target.adapter.build(in_shape=tuple(x.shape), out_shape=tuple(out_shape),
+                                   name=target.name, parent=module)
+    self.in_adapter += 1
+    try:
+      return adapter(x, deterministic=self.deterministic)
+    finally:
+      self.in_adapter -= 1
+
+  def _adapt(self, module, path, hits, next_fun, args, kwargs):
+    targets = [self.targets[i] for i in hits]
+    for i in hits:
+      self.applied[i].add(path)
+    x = None
+    if any(t.position in ('input', 'parallel') for t in targets):
+      x = _first_array(args, kwargs, path, 'input/parallel')
+    for t in targets:
+      if t.position == 'input':
+        new_x = x + self._run(t, module, x, x.shape)
+        # Self-attention gets the same array as query and key/value: adapt every copy of it.
+        args = tuple(new_x if a is x else a for a in args)
+        kwargs = {k: new_x if v is x else v for k, v in kwargs.items()}
+    y = next_fun(*args, **kwargs)
+    for t in targets:
+      if t.position == 'input':
+        continue
+      if not isinstance(y, jax.Array):
+        raise TypeError(f'An {t.position!r} adapter on {path!r} needs the module to return one '
+                        f'array; it returned {type(y).__name__}.')
+      src = y if t.position == 'output' else x
+      y = y + self._run(t, module, src, y.shape)
+    return y
+
+  def check(self) -> None:
+    """Raises for targets that were never applied, naming near module paths."""
+    for target, rx, applied in zip(self.targets, self.regexes, self.applied):
+      if applied:
+        continue
+      matched = [p for p in self.seen if rx.fullmatch(p)]
+      if matched:
+        raise NotCompactError(
+            f'Target {target.pattern!r} matches {matched[:5]} but no adapter could be attached: '
+            'the module\'s __call__ is not @nn.compact (a non-compact override that does not call '
+            'a compact super().__call__). Interception can only create parameters inside compact '
+            'methods.')
+      paths = sorted(p for p in self.seen if p)
+      near = difflib.get_close_matches(target.pattern, paths, n=8, cutoff=0.4)
+      listing = near or paths[:8]
+      raise TargetNotFoundError(
+          f'Target pattern {target.pattern!r} (re.fullmatch on the module path) matches no module '
+          f'of the backbone. {"Near" if near else "Some"} module paths: {listing}'
+          + (f' (of {len(paths)})' if not near else '') + '.')
+
+
+def _is_train(kwargs) -> bool:
+  if 'train' in kwargs:
+    return bool(kwargs['train'])
+  if 'deterministic' in kwargs:
+    return not kwargs['deterministic']
+  return False
+
+
+class Adapted(nn.Module):
+  """A backbone with adapters at the modules its targets match; parameters keep backbone paths.
+
+  Attributes:
+    backbone: the unmodified Flax model (compact where adapters go).
+    targets: where and how to add adapters (see Target and vadapt.placements).
+  """
+  backbone: nn.Module
+  targets: tuple[Target, ...]
+
+  def setup(self):
+    if not isinstance(self.targets, tuple) or not all(isinstance(t, Target) for t in self.targets):
+      raise TypeError(f'Adapted.targets must be a tuple of vadapt.inject.Target; found '
+                      f'{self.targets!r}.')
+    names = {}
+    for t in self.targets:
+      names.setdefault(t.name, []).append(t.pattern)
+    # Backbone params stay at their own paths: the wrapper adds no prefix.
+    nn.share_scope(self, self.backbone)
+
+  def __call__(self, *args, **kwargs):
+    """Calls the backbone with adapters; `train` (or `deterministic`) also drives adapter dropout."""
+    return self.call_method('__call__', *args, **kwargs)
+
+  def call_method(self, method: str, *args, **kwargs):
+    """Calls `backbone.<method>(*args, **kwargs)` with adapters (e.g. a CLIP model's encoder)."""
+    interceptor = _Interceptor(self.targets, deterministic=not _is_train(kwargs))
+    with nn.intercept_methods(interceptor):
+      out = getattr(self.backbone, method)(*args, **kwargs)
+    interceptor.check()
+    return out

@@ -1,0 +1,204 @@
+"""Trainability as data: regex rules label every parameter; labels drive split, optimizer, counts.
+
+  labels = label_tree(params, default_rules())        # 'adapter' | 'head' | 'frozen' per leaf
+  delta, frozen = split(params, labels)               # trained leaves / the rest (pruned dicts)
+  tx = make_optimizer(labels, {'adapter': optax.adam(1e-3), 'head': optax.adam(1e-3)})
+  opt_state = tx.init(delta)                          # no state for frozen leaves
+  loss, grads = value_and_grad_delta(loss_fn)(delta, frozen, batch)   # grads over delta only
+
+Paths are '/'-joined keys of the nested 'params' dict, e.g.
+'Transformer/encoderblock_0/MlpBlock_0/adapter/down/kernel'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import traverse_util
+
+FROZEN = 'frozen'
+
+Rules = Sequence[tuple[str, str]]
+
+
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+  if not isinstance(tree, Mapping):
+    raise TypeError(f'Expected a nested dict of parameters; found {type(tree).__name__}.')
+  return {'/'.join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
+  return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+
+
+def default_rules(train_head: bool = True) -> list[tuple[str, str]]:
+  """Adapters ('adapter' path segments) train, the classifier head trains unless told not to,
+  everything else is frozen."""
+  return [
+      (r'(?:^|/)adapter/', 'adapter'),
+      (r'^head/', 'head' if train_head else FROZEN),
+      (r'.*', FROZEN),
+  ]
+
+
+def label_tree(params: Mapping[str, Any], rules: Rules) -> dict[str, Any]:
+  """A tree like `params` whose leaves are labels: the first rule whose regex `re.search`es the
+  leaf's path wins. Raises ValueError listing the paths no rule covers."""
+  compiled = []
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+      raise TypeError(f'Each rule must be a (regex, label) pair; found {rule!r}.')
+    pattern, label = rule
+    if not isinstance(label, str) or not label:
+      raise TypeError(f'Rule {pattern!r} needs a non-empty string label; found {label!r}.')
+    compiled.append((re.compile(pattern), label))
+  labels, uncovered = {}, []
+  for path in _flat(params):
+    label = next((lab for rx, lab in compiled if rx.search(path)), None)
+    if label is None:
+      uncovered.append(path)
+    labels[path] = label
+  if uncovered:
+    shown = '\n  '.join(uncovered[:30]) + (f'\n  ... and {len(uncovered) - 30} more'
+                                            if len(uncovered) > 30 else '')
+    raise ValueError(f'{len(uncovered)} parameters match no rule in {[p for p, _ in rules]}; '
+                     f'add a rule (e.g. (".*", "frozen")) for:\n  {shown}')
+  return _unflat(labels)
+
+
+def split(params: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[dict, dict]:
+  """(delta, frozen): the leaves labelled other than 'frozen', and the rest, as pruned dicts."""
+  flat, flat_labels = _flat(params), _flat(labels)
+  if set(flat) != set(flat_labels):
+    missing = sorted(set(flat) - set(flat_labels))[:10]
+    extra = sorted(set(flat_labels) - set(flat))[:10]
+    raise ValueError(f'labels do not match params: unlabelled {missing}, labels without a '
+                     f'parameter {extra}. Build labels with label_tree(params, rules).')
+  delta = {k: v for k, v in flat.items() if flat_labels[k] != FROZEN}
+  frozen = {k: v for k, v in flat.items() if flat_labels[k] == FROZEN}
+  return _unflat(delta), _unflat(frozen)
+
+
+def merge(delta: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]:
+  """The full params tree from split's two halves; a path in both is an error."""
+  flat_delta, flat_frozen = _flat(delta), _flat(frozen)
+  overlap = sorted(set(flat_delta) & set(flat_frozen))
+  if overlap:
+    raise ValueError(f'delta and frozen both hold {len(overlap)} paths, e.g. {overlap[:5]}.')
+  return _unflat({**flat_frozen, **flat_delta})
+
+
+def value_and_grad_delta(loss_fn: Callable[..., Any], has_aux: bool = False):
+  """Wraps loss_fn(params, *args) into f(delta, frozen, *args) -> (loss, grads wrt delta).
+
+  Differentiating only the delta keeps the backward pass from building frozen-weight gradients.
+  """
+  def loss_of_delta(delta, frozen, *args, **kwargs):
+    return loss_fn(merge(delta, frozen), *args, **kwargs)
+  return jax.value_and_grad(loss_of_delta, has_aux=has_aux)
+
+
+def _path_str(key_path) -> str:
+  parts = []
+  for k in key_path:
+    parts.append(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))))
+  return '/'.join(parts)
+
+
+def make_optimizer(labels: Mapping[str, Any],
+                   transforms: Mapping[str, optax.GradientTransformation]
+                   ) -> optax.GradientTransformation:
+  """optax.multi_transform over labels; 'frozen' -> set_to_zero (no state) unless given.
+
+  Leaves are matched to labels by path, so the optimizer can be initialised on the full params or
+  on the delta alone (the efficient choice, with grads from value_and_grad_delta).
+  """
+  flat_labels = _flat(labels)
+  used = set(flat_labels.values())
+  transforms = dict(transforms)
+  transforms.setdefault(FROZEN, optax.set_to_zero())
+  missing = sorted(used - set(transforms))
+  if missing:
+    raise ValueError(f'No optimizer transform for labels {missing}; transforms given for '
+                     f'{sorted(transforms)}.')
+
+  def labels_for(tree):
+    def label(key_path, _):
+      path = _path_str(key_path)
+      if path not in flat_labels:
+        raise ValueError(f'Parameter {path!r} has no label; the optimizer was built for labels '
+                         f'of a different tree.')
+      return flat_labels[path]
+    return jax.tree_util.tree_map_with_path(label, tree)
+
+  return optax.multi_transform(transforms, labels_for)
+
+
+def count(params: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, int]:
+  """{label: number of scalars}; works on arrays and jax.ShapeDtypeStruct alike."""
+  out: dict[str, int] = {}
+  flat_labels = _flat(labels)
+  for path, leaf in _flat(params).items():
+    out[flat_labels[path]] = out.get(flat_labels[path], 0) + int(np.prod(np.shape(leaf)))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamStats:
+  """Parameter accounting for one labelling.
+
+  Attributes:
+    by_label: scalars per label.
+    total: all scalars.
+    trainable: scalars not labelled 'frozen'.
+    trainable_percent: 100 * trainable / total.
+    delta_bytes: bytes of the trainable leaves (what a checkpoint of the delta stores).
+  """
+  by_label: dict[str, int]
+  total: int
+  trainable: int
+  trainable_percent: float
+  delta_bytes: int
+
+
+def stats(params: Mapping[str, Any], labels: Mapping[str, Any]) -> ParamStats:
+  """Totals, trainable count and %, and the delta's size in bytes."""
+  by_label = count(params, labels)
+  total = sum(by_label.values())
+  trainable = total - by_label.get(FROZEN, 0)
+  flat_labels = _flat(labels)
+  delta_bytes = sum(int(np.prod(np.shape(v))) * np.dtype(v.dtype).itemsize
+                    for k, v in _flat(params).items() if flat_labels[k] != FROZEN)
+  return ParamStats(by_label=by_label, total=total, trainable=trainable,
+                    trainable_percent=100.0 * trainable / max(total, 1), delta_bytes=delta_bytes)
+
+
+def summary_table(params: Mapping[str, Any], labels: Mapping[str, Any]) -> str:
+  """A plain-text table with one row per module (path prefix, label, #params, leaf shapes) and
+  totals, for printing from a CLI."""
+  flat_labels = _flat(labels)
+  rows: dict[str, dict[str, Any]] = {}
+  for path, leaf in _flat(params).items():
+    module, _, leaf_name = path.rpartition('/')
+    row = rows.setdefault(module or '(top level)', {'labels': [], 'n': 0, 'shapes': []})
+    if flat_labels[path] not in row['labels']:
+      row['labels'].append(flat_labels[path])
+    row['n'] += int(np.prod(np.shape(leaf)))
+    row['shapes'].append(f'{leaf_name}{tuple(np.shape(leaf))}')
+  header = ('module', 'label', 'params', 'shapes')
+  lines = [(m, ','.join(r['labels']), f'{r["n"]:,}', ' '.join(r['shapes']))
+           for m, r in rows.items()]
+  widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:3])]
+  fmt = lambda c: f'{c[0]:<{widths[0]}}  {c[1]:<{widths[1]}}  {c[2]:>{widths[2]}}  {c[3]}'
+  s = stats(params, labels)
+  by_label = ', '.join(f'{k}: {v:,}' for k, v in sorted(s.by_label.items()))
+  return '\n'.join(
+      [fmt(header), fmt(tuple('-' * w for w in widths) + ('-' * 6,))]
+      + [fmt(line) for line in lines]
+      + [f'total {s.total:,} ({by_label}); trainable {s.trainable:,} '
+         f'({s.trainable_percent:.3f}%), delta {s.delta_bytes / 2**20:.2f} MiB'])

@@ -1,0 +1,118 @@
+"""Named adapter placements for transformer backbones, built from a few composable parts.
+
+Each function returns a tuple of vadapt.inject.Target. Paths follow vadapt.models.vit (also used
+by the CLIP towers): blocks are ``<scope>/encoderblock_{i}`` (or ``<scope>/encoderblock`` under
+nn.scan), each with ``MultiHeadDotProductAttention_0`` and ``MlpBlock_0``. Both sub-modules
+return their branch before the residual add, so position 'output' puts the adapter exactly where
+Houlsby et al. put it.
+
+Layer selection (``layers``): None for every block; an iterable of block indices (a list or a
+range); or ``skip_lowest(k)`` for every block but the lowest k (AdapterDrop). Scanned models hold
+all blocks in one module, so a selection other than all cannot be expressed as a module path:
+vadapt.api.adapt rejects it for scan=True with an explanation, and a raw target on a scan model
+fails with the module paths it could have matched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional, Union
+
+from vadapt.adapters.bottleneck import BottleneckConfig
+from vadapt.inject import Target
+
+# Matches the ViT encoder ('Transformer') at any depth, e.g. inside a CLIP tower.
+DEFAULT_SCOPE = r'(?:.+/)?Transformer'
+ATTENTION = 'MultiHeadDotProductAttention_0'
+MLP = 'MlpBlock_0'
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipLowest:
+  """Every block except the lowest k (AdapterDrop drops adapters from the first layers).
+
+  Attributes:
+    k: number of lowest blocks left without adapters.
+  """
+  k: int
+
+  def __post_init__(self):
+    if int(self.k) != self.k or self.k < 0:
+      raise ValueError(f'skip_lowest needs a non-negative integer; found {self.k!r}.')
+
+
+def skip_lowest(k: int) -> SkipLowest:
+  """Layer selection: all blocks but the lowest k."""
+  return SkipLowest(k)
+
+
+Layers = Optional[Union[Iterable[int], SkipLowest]]
+
+
+def block_pattern(layers: Layers = None, scope: str = DEFAULT_SCOPE) -> str:
+  """Regex for the selected encoder blocks; all blocks also matches the scanned 'encoderblock'."""
+  if layers is None:
+    return rf'{scope}/encoderblock(?:_\d+)?'
+  if isinstance(layers, SkipLowest):
+    if layers.k == 0:
+      return rf'{scope}/encoderblock_\d+'
+    low = '|'.join(str(i) for i in range(layers.k))
+    return rf'{scope}/encoderblock_(?!(?:{low})$)\d+'
+  if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+    raise TypeError('layers must be None (all blocks), an iterable of block indices or '
+                    f'skip_lowest(k); found {layers!r}.')
+  indices = sorted(set(layers))
+  if not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
+    raise ValueError(f'layers must name at least one non-negative block index; found {layers!r}.')
+  return rf'{scope}/encoderblock_(?:{"|".join(str(i) for i in indices)})'
+
+
+def at(submodule: str, adapter, *, position: str = 'output', layers: Layers = None,
+       scope: str = DEFAULT_SCOPE, name: str = 'adapter') -> tuple[Target, ...]:
+  """One target: `adapter` at `submodule` ('MlpBlock_0', ...) of the selected blocks."""
+  return (Target(pattern=f'{block_pattern(layers, scope)}/{submodule}', adapter=adapter,
+                 position=position, name=name),)
+
+
+def houlsby(adapter: BottleneckConfig, *, layers: Layers = None,
+            scope: str = DEFAULT_SCOPE) -> tuple[Target, ...]:
+  """Houlsby et al. (2019): after the attention output and after the MLP, before each residual."""
+  return (at(ATTENTION, adapter, layers=layers, scope=scope)
+          + at(MLP, adapter, layers=layers, scope=scope))
+
+
+def pfeiffer(adapter: BottleneckConfig, *, layers: Layers = None,
+             scope: str = DEFAULT_SCOPE) -> tuple[Target, ...]:
+  """Pfeiffer et al. (2021): after the MLP only."""
+  return at(MLP, adapter, layers=layers, scope=scope)
+
+
+def parallel(adapter: BottleneckConfig, *, layers: Layers = None,
+             scope: str = DEFAULT_SCOPE) -> tuple[Target, ...]:
+  """AdaptFormer (Chen et al., 2022): MLP(x) + s * adapter(x), with s and the LayerNorm in the
+  adapter config (api.adapt defaults them to 0.1 and on)."""
+  return at(MLP, adapter, position='parallel', layers=layers, scope=scope)
+
+
+def parallel_attn(adapter: BottleneckConfig, *, layers: Layers = None,
+                  scope: str = DEFAULT_SCOPE) -> tuple[Target, ...]:
+  """An adapter parallel to the attention: Attn(x) + s * adapter(x)."""
+  return at(ATTENTION, adapter, position='parallel', layers=layers, scope=scope)
+
+
+# ResNet blocks as named by vadapt.models.resnet (and the flax imagenet example).
+RESNET_BLOCKS = r'(?:.+/)?(?:Bottleneck)?ResNetBlock_\d+'
+
+
+def resnet_blocks(adapter, *, position: str = 'output',
+                  pattern: str = RESNET_BLOCKS) -> tuple[Target, ...]:
+  """Residual adapters after ('output') or alongside ('parallel') every ResNet block."""
+  return (Target(pattern=pattern, adapter=adapter, position=position),)
+
+
+PLACEMENTS = {
+    'houlsby': houlsby,
+    'pfeiffer': pfeiffer,
+    'parallel': parallel,
+    'parallel_attn': parallel_attn,
+}

@@ -1,0 +1,167 @@
+"""Pieces shared by the experiment configs: argument parsing and the default training recipe.
+
+A config file's `get_config(arg)` receives the text after ':' in `--config=file.py:arg`, e.g.
+`variant=Ti/16,method=pfeiffer,test`. `parse_arg` turns it into typed values (a bare key means
+True) and rejects keys the config does not know.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+from vadapt import input_pipeline
+
+_TRUE = ('1', 'true', 'yes', 'on')
+_FALSE = ('0', 'false', 'no', 'off')
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if text.lower() in _TRUE:
+      return True
+    if text.lower() in _FALSE:
+      return False
+    raise ValueError(f'Config argument {key}={text!r}: expected a boolean (true/false).')
+  for typ in (int, float):
+    if isinstance(default, typ):
+      try:
+        return typ(text)
+      except ValueError:
+        raise ValueError(f'Config argument {key}={text!r}: expected {typ.__name__}.') from None
+  return text
+
+
+def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'k1=v1,k2,k3=v3' into a ConfigDict typed like `defaults`.
+
+  Args:
+    arg: the config argument (None or '' gives the defaults).
+    **defaults: every accepted key with its default value; the default's type is the value's type.
+
+  Raises:
+    ValueError: on a key not in `defaults` or a value of the wrong type.
+  """
+  values = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, text = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; this config accepts: '
+                       f'{", ".join(sorted(defaults))}.')
+    if not sep:
+      if not isinstance(defaults[key], bool):
+        raise ValueError(f'Config argument {key!r} needs a value ({key}=...).')
+      values[key] = True
+    else:
+      values[key] = _convert(key, text.strip(), defaults[key])
+  return ml_collections.ConfigDict(values)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The training recipe every experiment starts from (adapter on a ViT, AdamW, cosine)."""
+  c = ml_collections.ConfigDict()
+  c.mode = 'train'  # 'train' | 'eval' | 'export'.
+  c.seed = 0
+
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.model = 'vit'
+  c.backbone.variant = 'B/16'
+  # Path to a vit_jax/big_vision .npz or a Hugging Face .safetensors; '' = random init (tests).
+  c.backbone.checkpoint = ''
+  c.backbone.checkpoint_format = 'auto'
+  c.backbone.image_size = 224
+  c.backbone.dtype = 'float32'  # Compute dtype; 'bfloat16' on TPU/GPU.
+  c.backbone.dropout_rate = 0.0
+  # Zero the loaded head even when its class count matches (the new task's labels differ).
+  c.backbone.reset_head = False
+  # Extra VisionTransformer fields (e.g. hidden_size for a custom width); keys fixed per config.
+  c.backbone.overrides = ml_collections.ConfigDict()
+
+  # method: houlsby | pfeiffer | parallel | parallel_attn | conv (adapters),
+  # full (every parameter trains) | linear (the head only).
+  c.adapter = ml_collections.ConfigDict()
+  c.adapter.method = 'houlsby'
+  c.adapter.bottleneck = config_dict.FieldReference(64, field_type=int)  # None: reduction_factor.
+  c.adapter.reduction_factor = config_dict.placeholder(float)
+  c.adapter.layers = config_dict.placeholder(tuple)
+  c.adapter.activation = 'relu'
+  c.adapter.scale = 1.0
+  c.adapter.learnable_scale = False
+  c.adapter.layer_norm = False
+  c.adapter.dropout = 0.0
+  c.train_head = True
+
+  c.input = input_pipeline.default_config()
+  c.preprocess = 'vit'  # Pixel normalisation family: 'vit' ([-1, 1]), 'clip', 'imagenet'.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'  # 'adamw' | 'sgd'.
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.momentum = 0.9  # SGD only.
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.warmup_steps = 100
+  c.schedule.decay = 'cosine'  # 'cosine' | 'constant'.
+  c.schedule.end_factor = 0.0  # Final learning rate as a fraction of the peak.
+  c.label_smoothing = 0.0
+  c.grad_clip_norm = 1.0  # 0 disables clipping.
+
+  c.batch_size = 512
+  c.eval_batch_size = 512
+  c.total_steps = 2000
+  c.log_every = 50
+  c.eval_every = 500  # 0 evaluates only at the start and the end.
+  c.eval_at_start = True
+  c.checkpoint_every = 500
+  c.max_to_keep = 2
+  c.prefetch = 2
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.param_sharding = 'replicate'  # 'replicate' | 'fsdp' (frozen backbone split over 'fsdp').
+
+  # Multi-host: one process per host, each reading its own shard of every batch.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False
+  c.distributed.coordinator_address = ''
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+
+  # Test hook: a loss of NaN at this step exercises the divergence handling (-1 = off).
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_at_step = -1
+
+  # An optional stage that pre-trains the backbone before adapting it (see digits_demo.py).
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.enabled = False
+  c.pretrain.classes = config_dict.placeholder(tuple)  # Source-task classes (input.classes).
+  c.pretrain.total_steps = 0
+  c.pretrain.learning_rate = 1e-3
+  c.pretrain.output = 'pretrained/backbone.npz'  # vit_jax .npz, relative to the workdir.
+  return c
+
+
+def apply_test_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a seconds-long CPU run: tiny ViT at 32x32, offline digits, few steps."""
+  c.backbone.variant = 'mu/4'
+  c.backbone.checkpoint = ''
+  c.backbone.image_size = 32
+  c.backbone.dtype = 'float32'
+  c.input.source = 'digits'
+  c.input.name = 'digits'
+  c.adapter.bottleneck = 8
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.total_steps = 4
+  c.log_every = 2
+  c.eval_every = 0
+  c.checkpoint_every = 2
+  c.schedule.warmup_steps = 1
+  c.prefetch = 1
+  return c

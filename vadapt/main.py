@@ -1,0 +1,46 @@
+r"""Command line: parses flags and calls vadapt.train; nothing else lives here.
+
+  python -m vadapt.main --config=configs/vit_b16_adapter.py --workdir=workdir/pets \
+      --config.backbone.checkpoint=ViT-B_16.npz --config.adapter.bottleneck=32
+  python -m vadapt.main --config=configs/vit_b16_adapter.py --workdir=workdir/pets --mode=eval
+  python -m vadapt.main --config=... --workdir=workdir/pets --mode=export --out=adapter.safetensors
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from vadapt import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, optionally with an argument: file.py:arg.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and exports go here.')
+_MODE = flags.DEFINE_enum('mode', None, ['train', 'eval', 'export'],
+                          'What to do; defaults to config.mode (train).')
+_OUT = flags.DEFINE_string('out', None, 'export: the .safetensors file to write '
+                           '(default WORKDIR/adapter.safetensors).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax logs every save at INFO; the progress lines are printed, so keep the log quiet.
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  mode = _MODE.value or config.get('mode', 'train')
+  if mode == 'train':
+    train.train_and_evaluate(config, _WORKDIR.value)
+  elif mode == 'eval':
+    train.evaluate(config, _WORKDIR.value)
+  elif mode == 'export':
+    train.export_adapter(config, _WORKDIR.value, _OUT.value)
+  else:
+    raise app.UsageError(f"Unknown mode {mode!r}; expected 'train', 'eval' or 'export'.")
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,126 @@
+"""Metric writers (TensorBoard + JSON lines) and the progress line printed while training."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping, Optional
+
+import jax
+
+
+class MetricWriter:
+  """Writes scalars for TensorBoard (tf.summary) and to `metrics.jsonl` in the log dir.
+
+  Only the primary process writes; on the others every call is a no-op.
+
+  Attributes:
+    logdir: directory of the event files and metrics.jsonl.
+  """
+
+  def __init__(self, logdir: str, *, tensorboard: bool = True):
+    self.logdir = logdir
+    self._active = jax.process_index() == 0
+    self._tb = None
+    self._jsonl = None
+    if not self._active:
+      return
+    os.makedirs(logdir, exist_ok=True)
+    self._jsonl = open(os.path.join(logdir, 'metrics.jsonl'), 'a')
+    if tensorboard:
+      # Imported lazily: it costs seconds and only the writer needs it.
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(logdir)
+      # tf.summary.scalar needs the tensorboard package; the raw op with the scalars plugin's
+      # metadata writes the same event without it.
+      self._scalar_metadata = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    if self._tb is not None:
+      with self._tb.as_default():
+        for name, value in scalars.items():
+          self._tf.summary.write(name, self._tf.constant(value, self._tf.float32),
+                                 step=int(step), metadata=self._scalar_metadata)
+
+  def flush(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    self.flush()
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_jsonl(logdir: str) -> list[dict]:
+  """The records written by MetricWriter, oldest first."""
+  with open(os.path.join(logdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+class Progress:
+  """Measures throughput between log points and formats the progress line.
+
+  The first interval after (re)start includes compilation; img/s excludes nothing, so it is
+  honest about what a user waits for, and the ETA uses the latest interval only.
+
+  Attributes:
+    total_steps: the step training ends at.
+    global_batch_size: images per step across all devices.
+  """
+
+  def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0):
+    self.total_steps = total_steps
+    self.global_batch_size = global_batch_size
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def tick(self, step: int) -> dict[str, float]:
+    """Returns {'img_per_sec', 'sec_per_step', 'eta_sec'} over the steps since the last tick."""
+    now = time.perf_counter()
+    steps = max(step - self._last_step, 1)
+    dt = max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    sec_per_step = dt / steps
+    return {'img_per_sec': self.global_batch_size / sec_per_step,
+            'sec_per_step': sec_per_step,
+            'eta_sec': sec_per_step * (self.total_steps - step)}
+
+  def line(self, step: int, metrics: Mapping[str, float], timing: Optional[dict] = None) -> str:
+    timing = timing or {}
+    parts = [f'step {step:>{len(str(self.total_steps))}}/{self.total_steps}']
+    for key, fmt in (('loss', '.4f'), ('accuracy', '.3f'), ('learning_rate', '.2e'),
+                     ('grad_norm', '.3f')):
+      if key in metrics:
+        parts.append(f'{key.replace("learning_rate", "lr")} {metrics[key]:{fmt}}')
+    if 'img_per_sec' in timing:
+      parts.append(f'{timing["img_per_sec"]:.1f} img/s')
+      parts.append(f'ETA {format_duration(timing["eta_sec"])}')
+    return ' | '.join(parts)
+
+
+def log(message: str) -> None:
+  """Prints on the primary process only (absl's INFO goes to stderr, unseen by default)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)

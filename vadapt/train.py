@@ -1,0 +1,619 @@
+"""Training, evaluation and adapter export: the functions `main.py`, tests and notebooks call.
+
+  result = train_and_evaluate(config, workdir)   # resumes from workdir/checkpoints when present
+  metrics = evaluate(config, workdir)
+  path = export_adapter(config, workdir, out_path)
+
+The params are split once into a trainable `delta` (adapters, head; every leaf for
+method='full') and a `frozen` backbone by the label rules. The jitted step differentiates the
+loss with respect to the delta only, updates it with a per-label optimizer, and donates the delta
+and optimizer state; the frozen tree is an input that is never written (nor checkpointed).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vadapt import api
+from vadapt import backbones
+from vadapt import checkpoint as ckpt_lib
+from vadapt import input_pipeline
+from vadapt import metrics as metrics_lib
+from vadapt import partition
+from vadapt import sharding as sharding_lib
+
+ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv')
+METHODS = ADAPTER_METHODS + ('full', 'linear')
+_ADAPTER_FIELDS = ('bottleneck', 'reduction_factor', 'layers', 'activation', 'scale',
+                   'learnable_scale', 'layer_norm', 'dropout')
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss, the gradient or the updated params stopped being finite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What train_and_evaluate returns.
+
+  Attributes:
+    step: the last completed step.
+    metrics: the final train and eval metrics (python floats).
+    delta: the trained params (host numpy tree).
+    frozen: the frozen backbone tree as used by the step (device arrays, never modified).
+    checkpoint_dir: where the Orbax checkpoints are.
+    adapter_path: the exported adapter file (None for method='full').
+  """
+  step: int
+  metrics: dict[str, float]
+  delta: Any
+  frozen: Any
+  checkpoint_dir: str
+  adapter_path: Optional[str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, labels, optimizer.
+
+
+def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The adapter method and options, JSON-ready (stored in checkpoints and exported files)."""
+  method = config.adapter.method
+  if method not in METHODS:
+    raise ValueError(f'Unknown adapter.method {method!r}; expected one of {METHODS}.')
+  spec = {'method': method}
+  if method in ADAPTER_METHODS:
+    for name in _ADAPTER_FIELDS:
+      value = config.adapter.get(name)
+      spec[name] = list(value) if isinstance(value, tuple) else value
+  return spec
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn.Module, nn.Module]:
+  """Returns (model to train, plain backbone); the same module for 'full' and 'linear'."""
+  backbone = backbones.make_model(config.backbone, num_classes)
+  spec = adapter_spec(config)
+  if spec['method'] not in ADAPTER_METHODS:
+    return backbone, backbone
+  kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != 'method'}
+  return api.adapt(backbone, method=spec['method'], **kwargs), backbone
+
+
+def label_rules(config: ml_collections.ConfigDict):
+  """Regex -> label rules. 'full' and 'linear' are rule sets, not separate code paths."""
+  method = adapter_spec(config)['method']
+  if method == 'full':
+    return [(r'.*', 'full')]
+  if method == 'linear':
+    return [(r'^head/', 'head'), (r'.*', 'frozen')]
+  return partition.default_rules(train_head=config.train_head)
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  peak = config.optimizer.learning_rate
+  warmup = min(config.schedule.warmup_steps, config.total_steps)
+  if config.schedule.decay == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup_steps=warmup, decay_steps=max(config.total_steps, warmup + 1),
+        end_value=peak * config.schedule.end_factor)
+  if config.schedule.decay == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup])
+  raise ValueError(f"Unknown schedule.decay {config.schedule.decay!r}; expected 'cosine' or "
+                   "'constant'.")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, delta_labels: Any,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Clipping over the whole delta, then one optimizer per trainable label."""
+  opt = config.optimizer
+  if opt.name == 'adamw':
+    base = lambda: optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+  elif opt.name == 'sgd':
+    base = lambda: optax.sgd(schedule, momentum=opt.momentum or None)
+  else:
+    raise ValueError(f"Unknown optimizer.name {opt.name!r}; expected 'adamw' or 'sgd'.")
+  trainable = sorted(set(jax.tree.leaves(delta_labels)) - {'frozen'})
+  tx = partition.make_optimizer(delta_labels, {label: base() for label in trainable})
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy (B,) with label smoothing."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, num_classes: int, label_smoothing: float,
+                    seed: int, nan_at_step: int = -1) -> Callable:
+  """step(delta, opt_state, frozen, batch, step) -> (delta, opt_state, metrics).
+
+  `step` counts completed steps; dropout keys are fold_in(seed, step), so a resumed run draws the
+  same masks as an uninterrupted one.
+  """
+  def train_step(delta, opt_state, frozen, batch, step):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+    def loss_fn(delta):
+      params = partition.merge(delta, frozen)
+      logits = model.apply({'params': params}, batch['image'], train=True,
+                           rngs={'dropout': rng})
+      loss = jnp.mean(cross_entropy(logits, batch['label'], num_classes, label_smoothing))
+      if nan_at_step >= 0:  # Test hook: the (1-based) step nan_at_step diverges.
+        loss = jnp.where(step + 1 == nan_at_step, jnp.nan, loss)
+      return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(delta)
+    updates, opt_state = tx.update(grads, opt_state, delta)
+    delta = optax.apply_updates(delta, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(delta)]))
+    metrics = {
+        'loss': loss,
+        'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+        'learning_rate': schedule(step),
+        'grad_norm': grad_norm,
+        'finite': finite,
+    }
+    return delta, opt_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, num_classes: int) -> Callable:
+  """step(delta, frozen, batch) -> {'correct', 'count', 'loss_sum'} summed over valid examples."""
+  def eval_step(delta, frozen, batch):
+    params = partition.merge(delta, frozen)
+    logits = model.apply({'params': params}, batch['image'], train=False)
+    mask = batch['mask'].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+    loss = cross_entropy(logits, batch['label'], num_classes)
+    return {'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask),
+            'loss_sum': jnp.sum(loss * mask)}
+  return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup.
+
+
+_distributed_initialized = False
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """jax.distributed.initialize from config.distributed (once; before any computation)."""
+  global _distributed_initialized
+  dist = config.get('distributed')
+  if not dist or not dist.initialize or _distributed_initialized:
+    return
+  kwargs = {}
+  if dist.coordinator_address:  # Empty: let JAX detect the cluster (TPU pods, SLURM, ...).
+    kwargs = dict(coordinator_address=dist.coordinator_address,
+                  num_processes=dist.num_processes, process_id=dist.process_id)
+  jax.distributed.initialize(**kwargs)
+  _distributed_initialized = True
+
+
+@dataclasses.dataclass
+class _Experiment:
+  config: ml_collections.ConfigDict
+  info: Any
+  mesh: Any
+  model: nn.Module
+  labels: Any
+  delta: Any
+  frozen: Any
+  delta_shardings: Any
+  frozen_shardings: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  meta: dict[str, Any]
+  param_table: str
+  counts: dict[str, int]
+
+
+def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Everything that can be checked before loading weights or compiling."""
+  adapter_spec(config)
+  sharding_lib.batch_size_per_shard(mesh, config.batch_size, 'batch_size')
+  sharding_lib.batch_size_per_shard(mesh, config.eval_batch_size, 'eval_batch_size')
+  if config.total_steps < 1:
+    raise ValueError(f'total_steps must be >= 1; found {config.total_steps}.')
+
+
+def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _Experiment:
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+  _check_config(config, mesh)
+  info = input_pipeline.get_info(config.input)
+  model, backbone = build_model(config, info.num_classes)
+  images = jnp.zeros(backbones.sample_images(config.backbone).shape, jnp.float32)
+  rng = jax.random.PRNGKey(config.seed)
+
+  if load_weights:
+    backbone_params = backbones.load_params(config.backbone, backbone,
+                                            rng=jax.random.fold_in(rng, 1))
+  else:
+    backbone_params = jax.eval_shape(
+        lambda: backbone.init(rng, images, train=False)['params'])
+
+  if model is backbone:
+    init_fn = lambda rng, bb: bb
+  else:
+    init_fn = lambda rng, bb: api.init_with_pretrained(model, bb, rng, images)
+  abstract_params = jax.eval_shape(init_fn, rng, backbone_params)
+  labels = partition.label_tree(abstract_params, label_rules(config))
+  delta_abs, frozen_abs = partition.split(abstract_params, labels)
+  delta_labels, _ = partition.split(labels, labels)
+  if not jax.tree.leaves(delta_abs):
+    raise ValueError(f'Nothing to train: the label rules of method {config.adapter.method!r} '
+                     'mark every parameter frozen.')
+  delta_sh = sharding_lib.tree_shardings(delta_abs, mesh, config.param_sharding)
+  frozen_sh = sharding_lib.tree_shardings(frozen_abs, mesh, config.param_sharding)
+  bb_sh = sharding_lib.tree_shardings(backbone_params, mesh, config.param_sharding)
+
+  if load_weights:
+    # big_vision-style: shapes first, then one jitted init that lands every leaf where it belongs.
+    init = jax.jit(lambda rng, bb: partition.split(init_fn(rng, bb), labels),
+                   in_shardings=(sharding_lib.replicated(mesh), bb_sh),
+                   out_shardings=(delta_sh, frozen_sh))
+    delta, frozen = init(rng, backbone_params)
+  else:
+    delta, frozen = delta_abs, frozen_abs
+
+  schedule = make_schedule(config)
+  tx = make_optimizer(config, delta_labels, schedule)
+  counts = partition.count(abstract_params, labels)
+  table = partition.summary_table(abstract_params, labels)
+  meta = {
+      'adapter': adapter_spec(config),
+      'variant': config.backbone.variant,
+      'image_size': config.backbone.image_size,
+      'num_classes': info.num_classes,
+      'backbone_fingerprint': ckpt_lib.fingerprint(frozen_abs),
+      'backbone_checkpoint': os.path.abspath(config.backbone.checkpoint)
+                             if config.backbone.checkpoint else '',
+      'config': json.loads(config.to_json_best_effort()),
+  }
+  return _Experiment(config=config, info=info, mesh=mesh, model=model, labels=labels,
+                     delta=delta, frozen=frozen, delta_shardings=delta_sh,
+                     frozen_shardings=frozen_sh, tx=tx, schedule=schedule, meta=meta,
+                     param_table=table, counts=counts)
+
+
+def _opt_state_shardings(exp: _Experiment):
+  abstract = jax.eval_shape(exp.tx.init, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.delta))
+  return sharding_lib.tree_shardings(abstract, exp.mesh, exp.config.param_sharding)
+
+
+def _preprocess(config: ml_collections.ConfigDict, split: str) -> str:
+  del split  # Train and eval share the normalisation; augmentation lives in config.input.
+  return config.get('preprocess', 'vit')
+
+
+def _eval_iterator(exp: _Experiment) -> Iterator[dict]:
+  c = exp.config
+  return input_pipeline.make_eval_iterator(
+      c.input, global_batch_size=c.eval_batch_size, image_size=c.backbone.image_size,
+      preprocess=_preprocess(c, 'eval'), process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def _run_eval(exp: _Experiment, eval_step: Callable, delta: Any) -> dict[str, float]:
+  batch_sh = sharding_lib.batch_sharding(exp.mesh)
+  totals = {'correct': 0.0, 'count': 0.0, 'loss_sum': 0.0}
+  for batch in _eval_iterator(exp):
+    out = jax.device_get(eval_step(delta, exp.frozen, sharding_lib.put_global_batch(
+        {k: batch[k] for k in ('image', 'label', 'mask')}, batch_sh)))
+    for k in totals:
+      totals[k] += float(out[k])
+  if not totals['count']:
+    raise ValueError(f'The eval split {exp.config.input.get("eval_split")!r} yielded no examples.')
+  return {'eval/accuracy': totals['correct'] / totals['count'],
+          'eval/loss': totals['loss_sum'] / totals['count'],
+          'eval/examples': totals['count']}
+
+
+def _jit_eval_step(exp: _Experiment) -> Callable:
+  return jax.jit(make_eval_step(exp.model, exp.info.num_classes),
+                 in_shardings=(exp.delta_shardings, exp.frozen_shardings,
+                               sharding_lib.batch_sharding(exp.mesh)))
+
+
+def _tree_bytes(tree: Any) -> int:
+  return int(sum(np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
+
+
+def _human_bytes(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if n < 1024 or unit == 'GiB':
+      return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+    n /= 1024
+  return f'{n:.1f} GiB'
+
+
+def _restore_or_init(exp: _Experiment, checkpointer: ckpt_lib.Checkpointer, opt_sh):
+  """(delta, opt_state, start_step): the latest checkpoint in the workdir, else a fresh state."""
+  opt_state = jax.jit(exp.tx.init, out_shardings=opt_sh)(exp.delta)
+  step = checkpointer.latest_step()
+  if step is None:
+    return exp.delta, opt_state, 0
+  meta = checkpointer.restore_meta(step)
+  if meta.get('backbone_fingerprint') != exp.meta['backbone_fingerprint']:
+    raise ckpt_lib.BackboneMismatchError(
+        f'The checkpoint at step {step} in {checkpointer.directory} was trained on another '
+        f'backbone (fingerprint {meta.get("backbone_fingerprint", "")[:16]}..., variant '
+        f'{meta.get("variant")!r}) than this config builds ({exp.meta["backbone_fingerprint"][:16]}'
+        f'..., variant {exp.meta["variant"]!r}): use a fresh workdir or the original config.')
+  delta, opt_state, _ = checkpointer.restore(step, exp.delta, opt_state)
+  metrics_lib.log(f'Resumed from the checkpoint at step {step} in {checkpointer.directory}.')
+  return delta, opt_state, step
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def pretrain_backbone(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Stage 1 of a two-stage run: fully trains the backbone on config.pretrain's source task.
+
+  Saves it as a vit_jax-format .npz (the format of published ViT checkpoints) and returns the
+  path; does nothing when that file already exists.
+  """
+  from vadapt.pretrained import vit as vit_loader  # pylint: disable=g-import-not-at-top
+  out = os.path.join(workdir, config.pretrain.output)
+  if os.path.exists(out):
+    metrics_lib.log(f'Stage 1 skipped: pre-trained backbone found at {out}.')
+    return out
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.pretrain.enabled = False
+    c.adapter.method = 'full'
+    c.backbone.checkpoint = ''
+    c.backbone.reset_head = False
+    if config.pretrain.classes:
+      c.input.classes = tuple(config.pretrain.classes)
+    c.total_steps = config.pretrain.total_steps
+    c.optimizer.learning_rate = config.pretrain.learning_rate
+    c.eval_at_start = False
+  metrics_lib.log(f'=== Stage 1: pre-training the backbone (full training, every parameter) on '
+                  f'classes {tuple(c.input.get("classes") or ())} of {c.input.name!r}, '
+                  f'{c.total_steps} steps ===')
+  result = train_and_evaluate(c, os.path.join(workdir, 'pretrain'), export=False)
+  params = jax.device_get(partition.merge(result.delta, result.frozen))
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  vit_loader.save_vit_jax_npz(params, out)
+  metrics_lib.log(f'Stage 1 done: source-task eval accuracy '
+                  f'{result.metrics.get("eval/accuracy", float("nan")):.3f}; saved the backbone '
+                  f'as a vit_jax-format checkpoint: {out} ({_human_bytes(os.path.getsize(out))}).')
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       export: bool = True) -> TrainResult:
+  """Trains config.total_steps steps (resuming from workdir/checkpoints), evaluates, exports.
+
+  Args:
+    config: an experiment config (configs/*.py).
+    workdir: checkpoints, TensorBoard events, metrics.jsonl and the exported adapter go here.
+    export: write workdir/adapter.safetensors at the end (adapter and linear methods).
+
+  Raises:
+    TrainingDivergedError: the loss became NaN/inf; the last good checkpoint is kept.
+  """
+  initialize_distributed(config)
+  workdir = os.path.abspath(workdir)
+  if config.get('pretrain') and config.pretrain.enabled:
+    npz = pretrain_backbone(config, workdir)
+    config = copy.deepcopy(config)
+    with config.unlocked():
+      config.backbone.checkpoint = npz
+    metrics_lib.log(f'=== Stage 2: loading {npz} as the pre-trained backbone, freezing it and '
+                    f'adapting it to a new task: classes {tuple(config.input.get("classes") or ())}'
+                    f' with method {config.adapter.method!r} ===')
+
+  exp = _setup(config)
+  c = exp.config
+  trainable = sum(v for k, v in exp.counts.items() if k != 'frozen')
+  total = sum(exp.counts.values())
+  metrics_lib.log(exp.param_table)
+  metrics_lib.log(f'Trainable parameters: {trainable:,} of {total:,} '
+                  f'({100.0 * trainable / max(total, 1):.3f}%), method {c.adapter.method!r}, '
+                  f'mesh {dict(exp.mesh.shape)}, {jax.process_count()} process(es).')
+
+  opt_sh = _opt_state_shardings(exp)
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=c.max_to_keep)
+  delta, opt_state, start_step = _restore_or_init(exp, checkpointer, opt_sh)
+  writer = metrics_lib.MetricWriter(workdir)
+  repl = sharding_lib.replicated(exp.mesh)
+  batch_sh = sharding_lib.batch_sharding(exp.mesh)
+
+  train_step = jax.jit(
+      make_train_step(exp.model, exp.tx, exp.schedule, num_classes=exp.info.num_classes,
+                      label_smoothing=c.label_smoothing, seed=c.seed,
+                      nan_at_step=c.debug.nan_at_step),
+      in_shardings=(exp.delta_shardings, opt_sh, exp.frozen_shardings, batch_sh, repl),
+      out_shardings=(exp.delta_shardings, opt_sh, repl),
+      donate_argnums=(0, 1))
+  eval_step = _jit_eval_step(exp)
+  final_metrics: dict[str, float] = {}
+
+  if start_step == 0 and c.eval_at_start:
+    before = _run_eval(exp, eval_step, delta)
+    final_metrics['eval/accuracy_at_start'] = before['eval/accuracy']
+    writer.write_scalars(0, before)
+    metrics_lib.log(f'Before training: eval accuracy {before["eval/accuracy"]:.3f} '
+                    f'(chance {1.0 / exp.info.num_classes:.3f}) on {int(before["eval/examples"])} '
+                    'held-out examples.')
+
+  train_iter = input_pipeline.make_train_iterator(
+      c.input, global_batch_size=c.batch_size, image_size=c.backbone.image_size,
+      preprocess=_preprocess(c, 'train'), seed=c.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  progress = metrics_lib.Progress(c.total_steps, c.batch_size, start_step)
+  history: list[dict[str, float]] = []
+  last_good = start_step
+  pending = None  # (step, device metrics) of the previous step, checked one step late.
+
+  def check(step, m):
+    host = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not host.pop('finite'):
+      checkpointer.wait()
+      kept = checkpointer.latest_step()
+      where = (f'the last good checkpoint (step {kept}) is kept in {checkpointer.directory}'
+               if kept is not None else 'no checkpoint had been written yet')
+      raise TrainingDivergedError(
+          f'Training diverged at step {step}: loss {host["loss"]}, grad norm '
+          f'{host["grad_norm"]} (non-finite loss, gradient or params); {where}. Lower '
+          'optimizer.learning_rate or set grad_clip_norm.')
+    history.append(host)
+    return host
+
+  try:
+    for step in range(start_step + 1, c.total_steps + 1):
+      batch = next(train_iter)
+      batch = sharding_lib.put_global_batch({'image': batch['image'], 'label': batch['label']},
+                                            batch_sh)
+      delta, opt_state, m = train_step(delta, opt_state, exp.frozen, batch, step - 1)
+      if pending is not None:
+        check(*pending)
+      pending = (step, m)
+
+      is_last = step == c.total_steps
+      if step % c.log_every == 0 or is_last or (c.checkpoint_every and
+                                                step % c.checkpoint_every == 0):
+        check(*pending)
+        pending = None
+        last_good = step
+      if step % c.log_every == 0 or is_last:
+        timing = progress.tick(step)
+        avg = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+        history.clear()
+        writer.write_scalars(step, {**{f'train/{k}': v for k, v in avg.items()},
+                                    'train/img_per_sec': timing['img_per_sec']})
+        metrics_lib.log(progress.line(step, avg, timing))
+        final_metrics.update({f'train/{k}': v for k, v in avg.items()})
+      if (c.checkpoint_every and step % c.checkpoint_every == 0) or is_last:
+        checkpointer.save(step, delta, opt_state, {**exp.meta, 'step': step})
+      if c.eval_every and step % c.eval_every == 0 and not is_last:
+        ev = _run_eval(exp, eval_step, delta)
+        writer.write_scalars(step, ev)
+        metrics_lib.log(f'step {step}: eval accuracy {ev["eval/accuracy"]:.4f}')
+  finally:
+    checkpointer.wait()
+    writer.flush()
+
+  step = max(last_good, start_step)
+  ev = _run_eval(exp, eval_step, delta)
+  writer.write_scalars(step, ev)
+  final_metrics.update(ev)
+  writer.close()
+  checkpointer.close()
+
+  host_delta = jax.tree.map(np.asarray, jax.device_get(delta))
+  adapter_path = None
+  if export and c.adapter.method != 'full':
+    adapter_path = os.path.join(workdir, 'adapter.safetensors')
+    if jax.process_index() == 0:
+      ckpt_lib.save_adapter(adapter_path, host_delta, {**exp.meta, 'step': step})
+  _log_summary(exp, final_metrics, checkpointer.directory, step, adapter_path)
+  return TrainResult(step=step, metrics=final_metrics, delta=host_delta, frozen=exp.frozen,
+                     checkpoint_dir=checkpointer.directory, adapter_path=adapter_path)
+
+
+def _log_summary(exp: _Experiment, m: dict, ckpt_dir: str, step: int,
+                 adapter_path: Optional[str]) -> None:
+  trainable = sum(v for k, v in exp.counts.items() if k != 'frozen')
+  total = sum(exp.counts.values())
+  step_dir = os.path.join(ckpt_dir, str(step))
+  delta_disk = _dir_bytes(os.path.join(step_dir, 'delta')) if os.path.isdir(step_dir) else 0
+  lines = ['=== Summary ===',
+           f'method {exp.config.adapter.method!r}: {trainable:,} trainable of {total:,} params '
+           f'({100.0 * trainable / max(total, 1):.3f}%)']
+  if 'eval/accuracy_at_start' in m:
+    lines.append(f'eval accuracy before training: {m["eval/accuracy_at_start"]:.3f} '
+                 f'(chance {1.0 / exp.info.num_classes:.3f})')
+  lines.append(f'eval accuracy after {step} steps: {m["eval/accuracy"]:.3f} '
+               f'on {int(m["eval/examples"])} held-out examples')
+  lines.append(f'delta on disk: {_human_bytes(delta_disk)} (step {step}) vs frozen backbone '
+               f'{_human_bytes(_tree_bytes(exp.frozen))} in memory, never written')
+  lines.append(f'checkpoints: {ckpt_dir}')
+  if adapter_path:
+    lines.append(f'exported adapter: {adapter_path} '
+                 f'({_human_bytes(os.path.getsize(adapter_path))})' if os.path.exists(adapter_path)
+                 else f'exported adapter: {adapter_path}')
+  metrics_lib.log('\n'.join(lines))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Evaluates the latest checkpoint in workdir on config.input's eval split."""
+  initialize_distributed(config)
+  if config.get('pretrain') and config.pretrain.enabled:
+    config = copy.deepcopy(config)
+    with config.unlocked():
+      config.backbone.checkpoint = os.path.join(os.path.abspath(workdir), config.pretrain.output)
+  exp = _setup(config)
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint in {checkpointer.directory}: train first.')
+  opt_sh = _opt_state_shardings(exp)
+  delta, _, _ = _restore_or_init(exp, checkpointer, opt_sh)
+  result = _run_eval(exp, _jit_eval_step(exp), delta)
+  checkpointer.close()
+  metrics_lib.log(f'step {step}: eval accuracy {result["eval/accuracy"]:.4f} '
+                  f'on {int(result["eval/examples"])} examples')
+  return {'step': step, **result}
+
+
+def export_adapter(config: ml_collections.ConfigDict, workdir: str,
+                   out_path: Optional[str] = None) -> str:
+  """Writes the latest checkpoint's delta + adapter spec as one .safetensors file.
+
+  Needs no backbone weights: the delta's structure comes from tracing the model.
+  """
+  exp = _setup(config, load_weights=False)
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint in {checkpointer.directory}: train first.')
+  like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      exp.delta, exp.delta_shardings)
+  opt_like = jax.eval_shape(exp.tx.init, exp.delta)
+  opt_like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          opt_like, _opt_state_shardings(exp))
+  delta, _, meta = checkpointer.restore(step, like, opt_like)
+  checkpointer.close()
+  out_path = out_path or os.path.join(os.path.abspath(workdir), 'adapter.safetensors')
+  if jax.process_index() == 0:
+    ckpt_lib.save_adapter(out_path, jax.device_get(delta), meta)
+  metrics_lib.log(f'Exported the adapter of step {step} to {out_path}.')
+  return out_path

@@ -1,0 +1,240 @@
+"""In-memory tables of labelled images, read from tfds, an image folder or scikit-learn digits.
+
+Every source is turned into a ``Table`` that can be indexed: random access is what makes the train
+stream a pure function of (seed, step), so a run can resume at any step in O(1). The pipeline targets
+the small domain datasets that adaptation uses (thousands to tens of thousands of images); encoded
+images stay compressed in memory and are decoded per example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+# Seed of the fixed shuffles that make local tables class-mixed (see ``load_imagefolder``).
+_ORDER_SEED = 0
+
+
+class DatasetNotFoundError(ValueError):
+  """A tfds name that no builder is registered under."""
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """A known tfds dataset whose prepared files are not in data_dir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """Labelled images held in memory.
+
+  Attributes:
+    images: for kind 'pixels' a uint8 array (N, H, W, 3); for kind 'encoded' an object array (N,) of
+      jpg/png bytes; for kind 'files' an object array (N,) of image paths.
+    labels: int32 array (N,).
+    class_names: names indexed by label.
+    kind: 'pixels' | 'encoded' | 'files'.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+  kind: str
+
+  def __post_init__(self):
+    if self.kind not in ('pixels', 'encoded', 'files'):
+      raise ValueError(f"Table kind must be 'pixels', 'encoded' or 'files', got {self.kind!r}.")
+    if len(self.images) != len(self.labels):
+      raise ValueError(f'{len(self.images)} images but {len(self.labels)} labels.')
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def take(self, indices: Sequence[int]) -> 'Table':
+    indices = np.asarray(indices, dtype=np.int64)
+    return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices])
+
+
+# ----------------------------------------------------------------------------------------- digits
+
+
+def load_digits(split: str, seed: int = 0) -> Table:
+  """scikit-learn's 1797 handwritten 8x8 digits, split 1437 train / 360 test, stratified and seeded.
+
+  Ships inside scikit-learn, so it works offline. Pixels 0..16 are scaled to uint8 0..255 and the
+  single channel is repeated to RGB; upsampling to the model's size happens in preprocessing.
+  """
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+
+  if split not in ('train', 'test'):
+    raise ValueError(f"digits has splits 'train' and 'test', got {split!r}.")
+  digits = sk_datasets.load_digits()
+  pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  pixels = np.repeat(pixels[..., None], 3, axis=-1)
+  index = np.arange(len(pixels))
+  train_idx, test_idx = model_selection.train_test_split(
+      index, test_size=360, stratify=digits.target, random_state=seed)
+  idx = train_idx if split == 'train' else test_idx
+  return Table(images=pixels[idx], labels=digits.target[idx].astype(np.int32),
+               class_names=tuple(str(c) for c in range(10)), kind='pixels')
+
+
+# ------------------------------------------------------------------------------------ ImageFolder
+
+
+def _list_images(class_dir: str) -> list[str]:
+  return sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+
+
+def _class_dirs(root: str) -> list[str]:
+  return sorted(d for d in os.listdir(root)
+                if os.path.isdir(os.path.join(root, d)) and not d.startswith('.'))
+
+
+def _read_class_folders(root: str, class_names: Optional[Sequence[str]] = None) -> Table:
+  """Reads ``root/<class>/<image>``; class ids follow ``class_names`` (default: sorted folders)."""
+  folders = _class_dirs(root)
+  if not folders:
+    raise FileNotFoundError(
+        f'Image folder {root!r} has no class subfolders: expected {root}/<class_name>/<image>.jpg|png.')
+  if class_names is None:
+    class_names = folders
+  unknown = sorted(set(folders) - set(class_names))
+  if unknown:
+    raise ValueError(f'Image folder {root!r} has classes {unknown} that the train split does not '
+                     f'have; train classes: {list(class_names)}.')
+  paths, labels = [], []
+  for name in folders:
+    files = _list_images(os.path.join(root, name))
+    if not files:
+      raise FileNotFoundError(f'Class folder {os.path.join(root, name)!r} holds no images '
+                              f'(looked for {", ".join(IMAGE_EXTENSIONS)}).')
+    paths += files
+    labels += [list(class_names).index(name)] * len(files)
+  # A fixed shuffle mixes the classes, so "the first n examples" (VTAB-1k, split slicing) is a
+  # sample of every class rather than the first classes in alphabetical order.
+  order = np.random.default_rng(_ORDER_SEED).permutation(len(paths))
+  return Table(images=np.array(paths, dtype=object)[order],
+               labels=np.array(labels, dtype=np.int32)[order],
+               class_names=tuple(class_names), kind='files')
+
+
+_EVAL_FOLDERS = ('val', 'validation', 'test')
+
+
+def load_imagefolder(root: str, split: str, val_fraction: float = 0.2) -> Table:
+  """Images under ``root``: either ``root/{train,val|test}/<class>/*`` or ``root/<class>/*``.
+
+  With split subfolders, ``split`` names one ('val', 'validation' and 'test' stand in for each
+  other when only one of them exists). Without them, 'train' is a stratified (1 - val_fraction)
+  share of every class and 'val'/'test' the rest, fixed by a seed. Class names are the sorted class
+  subfolders of the train split; images of any size, jpg/png/bmp/gif.
+  """
+  if not root:
+    raise ValueError("source='imagefolder' needs config.path, the folder that holds the images.")
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'Image folder {root!r} does not exist.')
+  subdirs = _class_dirs(root)
+  if 'train' in subdirs:
+    train_dir = os.path.join(root, 'train')
+    class_names = _class_dirs(train_dir)
+    if split == 'train':
+      return _read_class_folders(train_dir, class_names)
+    candidates = [split] if split in subdirs else []
+    if split in _EVAL_FOLDERS:
+      candidates += [d for d in _EVAL_FOLDERS if d in subdirs]
+    if not candidates:
+      raise FileNotFoundError(f'Image folder {root!r} has no {split!r} subfolder; found {subdirs}.')
+    return _read_class_folders(os.path.join(root, candidates[0]), class_names)
+
+  if split not in ('train',) + _EVAL_FOLDERS:
+    raise ValueError(f'Image folder {root!r} has no split subfolders, so it is split by fraction '
+                     f"into 'train' and 'val'/'test'; got split {split!r}.")
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f'val_fraction must lie in (0, 1), got {val_fraction}.')
+  table = _read_class_folders(root)
+  rng = np.random.default_rng(_ORDER_SEED)
+  keep = []
+  for label in range(len(table.class_names)):
+    idx = np.flatnonzero(table.labels == label)
+    idx = idx[rng.permutation(len(idx))]
+    n_val = int(round(len(idx) * val_fraction))
+    keep.append(idx[n_val:] if split == 'train' else idx[:n_val])
+  return table.take(np.sort(np.concatenate(keep)))
+
+
+# ------------------------------------------------------------------------------------------- tfds
+
+
+def _tfds_help(name: str, data_dir: Optional[str]) -> str:
+  where = f'--data_dir={data_dir}' if data_dir else '(default data_dir)'
+  return (f'On a machine with internet run `tfds build {name} {where}` (or '
+          f'`tfds.builder({name!r}, data_dir=...).download_and_prepare()`), then copy the prepared '
+          f'folder here, or point config.data_dir at a folder that already holds it.')
+
+
+def _tfds_builder(name: str, data_dir: Optional[str]):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    base = re.split(r'[:/]', name)[0]
+    close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=5)
+    hint = f' Did you mean one of {close}?' if close else ''
+    raise DatasetNotFoundError(
+        f'tfds has no dataset named {name!r}.{hint} See `tfds.list_builders()` for every name.'
+    ) from e
+
+
+def load_tfds(name: str, split: str, data_dir: Optional[str] = None, image_key: str = 'image',
+              label_key: str = 'label') -> Table:
+  """Reads a prepared tfds split into memory, images still encoded.
+
+  Never downloads: offline, a missing dataset raises ``DatasetNotPreparedError`` at once instead of
+  tfds retrying the network for minutes.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if not name:
+    raise ValueError("source='tfds' needs config.name, a tfds dataset name such as 'cifar10'.")
+  builder = _tfds_builder(name, data_dir)
+  features = builder.info.features
+  for key in (image_key, label_key):
+    if key not in features:
+      raise KeyError(f'tfds dataset {name!r} has no feature {key!r}; features: {sorted(features)}.')
+  label_feature = features[label_key]
+  if not isinstance(label_feature, tfds.features.ClassLabel):
+    raise TypeError(f'Feature {label_key!r} of {name!r} is a {type(label_feature).__name__}, '
+                    'expected a ClassLabel.')
+  encoded = isinstance(features[image_key], tfds.features.Image)
+  decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
+  try:
+    ds = tfds.load(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
+  except AssertionError as e:
+    # tfds signals "not prepared" with an AssertionError ("could not find data in ...").
+    resolved = data_dir or os.environ.get('TFDS_DATA_DIR') or tfds.core.constants.DATA_DIR
+    raise DatasetNotPreparedError(
+        f'tfds dataset {name!r} is not prepared in data_dir {resolved!r}, and this pipeline never '
+        f'downloads. {_tfds_help(name, data_dir)}') from e
+
+  images, labels = [], []
+  for batch in tfds.as_numpy(ds.map(lambda ex: (ex[image_key], ex[label_key])).batch(1024)):
+    images.extend(batch[0])
+    labels.append(batch[1])
+  if not labels:
+    raise ValueError(f'tfds split {split!r} of {name!r} is empty.')
+  if encoded:
+    array = np.empty(len(images), dtype=object)
+    array[:] = images
+  else:
+    array = np.stack(images).astype(np.uint8)
+    if array.ndim == 3 or array.shape[-1] == 1:
+      array = np.repeat(array.reshape(array.shape[:3] + (1,)), 3, axis=-1)
+  return Table(images=array, labels=np.concatenate(labels).astype(np.int32),
+               class_names=tuple(label_feature.names),
+               kind='encoded' if encoded else 'pixels')

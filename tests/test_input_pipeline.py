@@ -80,7 +80,8 @@ def test_digits_sizes_shapes_and_vit_range():
   info = ip.get_info(cfg)
   assert (info.num_classes, info.num_train, info.num_eval) == (10, 1437, 360)
   assert info.class_names == tuple('0123456789')
-  (batch,) = train_batches(cfg, 1)
+  # process_index/process_count default to JAX's (one process here).
+  batch = next(ip.make_train_iterator(cfg, global_batch_size=8, image_size=S))
   assert batch['image'].shape == (8, S, S, 3) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
   assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
@@ -182,16 +183,46 @@ def test_each_epoch_visits_every_example_once_in_a_new_order():
   assert not np.array_equal(labels[:20], labels[20:])
 
 
-def test_augmentation_is_random_per_step_and_flip_is_off_for_digits(folder):
-  cfg = digits_config(source='imagefolder', path=str(folder), eval_split='val')
-  a, b = train_batches(cfg, 2, global_batch_size=10)  # One epoch of 10 each, crops differ.
-  assert not np.array_equal(a['image'], b['image'])
-  # With no crop, digits come out unflipped: training equals eval preprocessing up to resizing.
+def gradient_folder(root):
+  """One class holding one 24x32 image whose every pixel differs, for seeing crops and flips."""
+  y, x = np.mgrid[:24, :32]
+  pixels = np.stack([x * 8, y * 10, (x + y) * 4], axis=-1).astype(np.uint8)
+  for split in ('train', 'val'):
+    (root / split / 'only').mkdir(parents=True)
+    Image.fromarray(pixels).save(root / split / 'only' / 'a.png')
+  return str(root)
+
+
+def test_every_copy_of_an_example_gets_its_own_augmentation(tmp_path):
+  cfg = digits_config(source='imagefolder', path=gradient_folder(tmp_path), eval_split='val')
+  (batch,) = train_batches(cfg, 1, global_batch_size=4)  # Four copies of the only image.
+  images = batch['image'].reshape(4, -1)
+  assert len({im.tobytes() for im in images}) == 4
+  (batch,) = train_batches(digits_config(source='imagefolder', path=cfg.path, crop_scale=None,
+                                         flip=False), 1, global_batch_size=4)
+  assert len({im.tobytes() for im in batch['image']}) == 1
+
+
+def test_flip_is_on_by_default_and_off_for_digits(tmp_path):
+  path = gradient_folder(tmp_path)
+  flips = {}
+  for flip in (None, False):
+    cfg = digits_config(source='imagefolder', path=path, eval_split='val', crop_scale=None,
+                        flip=flip)
+    # At 32 the 24x32 image is smaller than the model size, so eval resizes it whole, like train.
+    (train,) = train_batches(cfg, 1, global_batch_size=16, image_size=32)
+    (plain,) = eval_batches(cfg, global_batch_size=1, image_size=32)
+    mirrored = [np.array_equal(im, plain['image'][0, :, ::-1]) for im in train['image']]
+    unchanged = [np.array_equal(im, plain['image'][0]) for im in train['image']]
+    assert all(m or u for m, u in zip(mirrored, unchanged))
+    flips[flip] = sum(mirrored)
+  assert 0 < flips[None] < 16 and flips[False] == 0
+  # Digits default to no flip: with no crop, every train image equals some eval image as is.
   cfg = digits_config(train_split='test', crop_scale=None)
-  (train,) = train_batches(cfg, 1, global_batch_size=360)
+  (train,) = train_batches(cfg, 1, global_batch_size=32)
   evaluated = np.concatenate([e['image'] for e in eval_batches(cfg, global_batch_size=360)])
-  order = [np.flatnonzero((evaluated == im).all(axis=(1, 2, 3)))[0] for im in train['image'][:20]]
-  assert len(order) == 20
+  known = {im.tobytes() for im in evaluated}
+  assert all(im.tobytes() in known for im in train['image'])
 
 
 # ------------------------------------------------------------------------------------ multi-host

@@ -59,6 +59,9 @@ def train_preprocess(image: tf.Tensor, seed: tf.Tensor, size: int, family: Famil
 
   ``crop_scale=None`` skips the crop (plain resize), e.g. for 8x8 digits.
   """
+  if crop_scale is not None and not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+    raise ValueError(f'crop_scale must be (min, max) area fractions with 0 < min <= max <= 1, '
+                     f'got {tuple(crop_scale)}.')
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   if crop_scale is not None:
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 from typing import Optional, Sequence
@@ -19,6 +20,8 @@ import numpy as np
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 # Seed of the fixed shuffles that make local tables class-mixed (see ``load_imagefolder``).
 _ORDER_SEED = 0
+# Above this many examples, holding a tfds split in memory deserves a warning.
+_LARGE_SPLIT = 300_000
 
 
 class DatasetNotFoundError(ValueError):
@@ -189,7 +192,7 @@ def _tfds_builder(name: str, data_dir: Optional[str]):
     hint = f' Did you mean one of {close}?' if close else ''
     raise DatasetNotFoundError(
         f'tfds has no dataset named {name!r}.{hint} See `tfds.list_builders()` for every name.'
-    ) from e
+    ) from None  # tfds' own message lists all ~450 names.
 
 
 def load_tfds(name: str, split: str, data_dir: Optional[str] = None, image_key: str = 'image',
@@ -203,6 +206,13 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None, image_key: 
   if not name:
     raise ValueError("source='tfds' needs config.name, a tfds dataset name such as 'cifar10'.")
   builder = _tfds_builder(name, data_dir)
+  try:
+    num_examples = builder.info.splits[split].num_examples
+  except (KeyError, ValueError):  # Not prepared (reported below) or an unusual split string.
+    num_examples = 0
+  if num_examples > _LARGE_SPLIT:
+    logging.warning('Reading %d examples of %s %s into memory (encoded); this pipeline is built for '
+                    'small domain datasets.', num_examples, name, split)
   features = builder.info.features
   for key in (image_key, label_key):
     if key not in features:

@@ -57,7 +57,7 @@ def block_pattern(layers: Layers = None, scope: str = DEFAULT_SCOPE) -> str:
     if layers.k == 0:
       return rf'{scope}/encoderblock_\d+'
     low = '|'.join(str(i) for i in range(layers.k))
-    return rf'{scope}/encoderblock_(?!(?:{low})$)\d+'
+    return rf'{scope}/encoderblock_(?!(?:{low})(?:/|$))\d+'
   if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
     raise TypeError('layers must be None (all blocks), an iterable of block indices or '
                     f'skip_lowest(k); found {layers!r}.')

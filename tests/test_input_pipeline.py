@@ -5,12 +5,15 @@ import time
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from vadapt import input_pipeline as ip
+from vadapt.data import iterators
 from vadapt.data import preprocess
+from vadapt.data import sources
 
 S = 16  # Image size: small keeps the TF work trivial on 2 cores.
 
@@ -147,11 +150,25 @@ def test_clip_eval_resizes_short_side_and_center_crops(tmp_path):
 
 
 def test_tiny_images_are_resized_whole_for_eval():
-  # 8x8 digits at 16: no center crop, so the full digit (with its blank border) survives.
+  # 8x8 digits at 16: no center crop, the whole digit is resized (bilinear for 'vit').
   _, eval_ = ip.load_tables(digits_config())
   (batch, *_) = eval_batches(digits_config(), global_batch_size=8)
-  first = eval_.images[0].astype(np.float32) / 127.5 - 1
-  np.testing.assert_allclose(batch['image'][0, ::2, ::2].mean(), first.mean(), atol=0.1)
+  whole = tf.image.resize(eval_.images[:8], (S, S), method='bilinear', antialias=True)
+  np.testing.assert_allclose(batch['image'], whole.numpy() / 127.5 - 1, atol=1e-5)
+
+
+def test_decoding_once_keeps_mixed_sizes_and_large_tables_encoded(folder):
+  cfg = digits_config(source='imagefolder', path=str(folder), eval_split='val')
+  train, _ = ip.load_tables(cfg)
+  assert train.kind == 'files'  # The folder's images differ in size.
+  same = (folder / 'same' / 'a')
+  same.mkdir(parents=True)
+  for i in range(3):
+    write_image(same / f'{i}.png', (10, 6), (i, i, i), 'PNG')
+  table = sources.load_imagefolder(str(folder / 'same'), 'train', val_fraction=0.5)
+  decoded = iterators.decode_all(table)
+  assert decoded.kind == 'pixels' and decoded.images.shape == (len(table), 6, 10, 3)
+  assert iterators.decode_all(table, limit_bytes=100).kind == 'files'
 
 
 def test_unknown_family():

@@ -125,15 +125,25 @@ def eval_dataset(table: Table, *, global_batch_size: int, image_size: int,
   return ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def decode_all(table: Table) -> Table:
-  """Decodes an encoded/file table once; stays encoded if the images differ in shape."""
+# Decoded tables above this size stay encoded: memory matters more than decode time then.
+DECODE_LIMIT_BYTES = 2 ** 31
+
+
+def decode_all(table: Table, limit_bytes: int = DECODE_LIMIT_BYTES) -> Table:
+  """Decodes an encoded/file table once into uint8 pixels.
+
+  Returns the table unchanged if its images differ in shape (they cannot be stacked) or would take
+  more than ``limit_bytes`` decoded.
+  """
   if table.kind == 'pixels':
     return table
   lookup = make_lookup(table)
   ds = tf.data.Dataset.range(len(table)).map(lambda i: lookup(i)[0],
                                              num_parallel_calls=tf.data.AUTOTUNE)
-  images = list(ds.as_numpy_iterator())
-  if len({im.shape for im in images}) != 1:
-    return table
+  images = []
+  for image in ds.as_numpy_iterator():
+    if (images and image.shape != images[0].shape) or image.nbytes * len(table) > limit_bytes:
+      return table
+    images.append(image)
   return Table(images=np.stack(images), labels=table.labels, class_names=table.class_names,
                kind='pixels')

@@ -106,8 +106,9 @@ def test_classes_are_kept_and_relabelled_in_order():
   assert info.class_names == ('7', '5') and info.num_classes == 2
   train, eval_ = ip.load_tables(cfg)
   assert set(np.unique(train.labels)) == {0, 1} and set(np.unique(eval_.labels)) == {0, 1}
-  np.testing.assert_array_equal(train.images[train.labels == 0], full_train.images[full_train.labels == 7])
-  np.testing.assert_array_equal(train.images[train.labels == 1], full_train.images[full_train.labels == 5])
+  for new, old in ((0, 7), (1, 5)):
+    np.testing.assert_array_equal(train.images[train.labels == new],
+                                  full_train.images[full_train.labels == old])
   (batch,) = train_batches(cfg, 1)
   assert set(batch['label']) <= {0, 1}
   with pytest.raises(ValueError, match=r'\[0, 10\)'):
@@ -258,7 +259,7 @@ def test_processes_together_read_the_single_process_batch():
 
 
 def test_batch_size_must_divide_by_process_count():
-  with pytest.raises(ValueError, match='global_batch_size 9 does not divide by the process count 2'):
+  with pytest.raises(ValueError, match='batch_size 9 does not divide by the process count 2'):
     train_batches(digits_config(), 1, global_batch_size=9, process_count=2)
   with pytest.raises(ValueError, match='process count 4'):
     eval_batches(digits_config(), global_batch_size=6, process_count=4)
@@ -407,3 +408,21 @@ def test_prefetch_to_device_builds_sharded_global_arrays():
     assert d['image'].sharding == sharding and d['label'].sharding == sharding
     np.testing.assert_array_equal(np.asarray(d['image']), h['image'])
     np.testing.assert_array_equal(np.asarray(d['label']), h['label'])
+
+
+def test_prefetch_keeps_size_batches_in_flight_and_takes_a_tree_of_shardings():
+  mesh = Mesh(np.array(jax.devices()[:2]), ('data',))
+  shardings = {'image': NamedSharding(mesh, P('data')), 'label': NamedSharding(mesh, P())}
+  pulled = []
+
+  def host_batches():
+    for i in range(4):
+      pulled.append(i)
+      yield {'image': np.full((2, 3), i, np.float32), 'label': np.arange(2, dtype=np.int32) + i}
+
+  it = ip.prefetch_to_device(host_batches(), 3, shardings)
+  first = next(it)
+  assert len(pulled) == 3  # Three batches were put on device before the first was used.
+  assert first['label'].sharding == shardings['label']
+  rest = list(it)
+  assert [int(b['image'][0, 0]) for b in [first] + rest] == [0, 1, 2, 3]

@@ -1,20 +1,20 @@
 """In-memory tables of labelled images, read from tfds, an image folder or scikit-learn digits.
 
 Every source is turned into a ``Table`` that can be indexed: random access is what makes the train
-stream a pure function of (seed, step), so a run can resume at any step in O(1). The pipeline targets
-the small domain datasets that adaptation uses (thousands to tens of thousands of images); encoded
-images stay compressed in memory and are decoded per example.
+stream a pure function of (seed, step), so a run can resume at any step in O(1). The pipeline
+targets the small domain datasets that adaptation uses (thousands to tens of thousands of images);
+encoded images stay compressed in memory and are decoded per example unless cached decoded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import os
 import re
 from typing import Optional, Sequence
 
+from absl import logging
 import numpy as np
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -105,7 +105,8 @@ def _read_class_folders(root: str, class_names: Optional[Sequence[str]] = None) 
   folders = _class_dirs(root)
   if not folders:
     raise FileNotFoundError(
-        f'Image folder {root!r} has no class subfolders: expected {root}/<class_name>/<image>.jpg|png.')
+        f'Image folder {root!r} has no class subfolders: expected '
+        f'{root}/<class_name>/<image>.jpg|png.')
   if class_names is None:
     class_names = folders
   unknown = sorted(set(folders) - set(class_names))
@@ -211,8 +212,8 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None, image_key: 
   except (KeyError, ValueError):  # Not prepared (reported below) or an unusual split string.
     num_examples = 0
   if num_examples > _LARGE_SPLIT:
-    logging.warning('Reading %d examples of %s %s into memory (encoded); this pipeline is built for '
-                    'small domain datasets.', num_examples, name, split)
+    logging.warning('Reading %d examples of %s %s into memory (encoded); this pipeline is built '
+                    'for small domain datasets.', num_examples, name, split)
   features = builder.info.features
   for key in (image_key, label_key):
     if key not in features:

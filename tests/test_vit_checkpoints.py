@@ -94,6 +94,17 @@ def test_big_vision_round_trip(tmp_path, file_scan, model_scan):
     np.testing.assert_array_equal(out, logits)
 
 
+def test_big_vision_map_head(tmp_path):
+  model = vit.from_variant('mu/4', num_classes=10, posemb_includes_cls=False, classifier='map',
+                           scan=True)
+  params = _random_params(model)
+  pv.save_big_vision_npz(params, tmp_path / 'map.npz', scan=True)
+  with np.load(tmp_path / 'map.npz', allow_pickle=False) as f:
+    assert f['MAPHead_0/probe'].shape == (1, 1, 32)
+  assert pv.inspect(tmp_path / 'map.npz')['classifier'] == 'map'
+  _assert_same_params(pv.load(tmp_path / 'map.npz', model, image_size=32), params)
+
+
 def test_big_vision_training_checkpoint_prefix(tmp_path):
   model = vit.from_variant('mu/4', num_classes=10, posemb_includes_cls=False)
   params = _random_params(model)

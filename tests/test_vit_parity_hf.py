@@ -134,6 +134,20 @@ def test_export_to_hf(tmp_path):
   assert err <= TOLERANCE
 
 
+def test_bfloat16_weights(tmp_path):
+  """safetensors.numpy has no bfloat16; such files are read from their header instead."""
+  hf = _hf_model(transformers.ViTForImageClassification, seed=7, num_labels=4, **TINY)
+  hf.to(torch.bfloat16).save_pretrained(tmp_path)
+  model = vit.VisionTransformer(**pv.model_kwargs_from_hf_config(tmp_path))
+  params = pv.load(tmp_path, model, image_size=32)
+  kernel = params['Transformer']['encoderblock_1']['MlpBlock_0']['Dense_0']['kernel']
+  assert kernel.dtype == np.float32
+  from safetensors.torch import load_file
+  weight = load_file(tmp_path / 'model.safetensors')['vit.encoder.layer.1.intermediate.dense.weight']
+  assert weight.dtype == torch.bfloat16
+  np.testing.assert_array_equal(kernel, weight.float().numpy().T)
+
+
 @pytest.mark.slow
 def test_vit_b16_image_classification(tmp_path):
   hf = _hf_model(transformers.ViTForImageClassification, num_labels=1000)  # ViTConfig() is B/16

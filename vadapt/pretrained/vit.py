@@ -1,4 +1,4 @@
-"""ViT checkpoints: vit_jax and big_vision ``.npz``, Hugging Face safetensors, onto our Linen layout.
+"""ViT checkpoints (vit_jax / big_vision ``.npz``, Hugging Face safetensors) onto our Linen layout.
 
 Every reader maps its file onto one canonical layout, the per-layer (``scan=False``) parameter
 names of ``vadapt.models.vit.VisionTransformer``; ``load`` then adapts that to a given model
@@ -37,6 +37,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import scipy.ndimage
 
@@ -136,7 +137,8 @@ def stack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
   for prefix, layers in groups.items():
     if sorted(layers) != list(range(len(layers))):
       raise CheckpointMismatchError(
-          f'Cannot stack {prefix}/encoderblock_*: layers {sorted(layers)} are not 0..{len(layers) - 1}.')
+          f'Cannot stack {prefix}/encoderblock_*: layers {sorted(layers)} are not '
+          f'0..{len(layers) - 1}.')
     names = set(layers[0])
     for i, layer in layers.items():
       if set(layer) != names:
@@ -188,6 +190,8 @@ def resize_posemb(posemb: Any, new_grid: ImageSize, has_cls: bool) -> np.ndarray
     return posemb
   logger.info('Resizing the position embedding grid from %dx%d to %dx%d.', side, side, gh, gw)
   grid = grid.reshape(side, side, -1)
+  if grid.dtype not in (np.float32, np.float64):  # scipy has no bfloat16.
+    grid = grid.astype(np.float32)
   grid = scipy.ndimage.zoom(grid, (gh / side, gw / side, 1), order=1)
   if grid.shape[:2] != (gh, gw):  # zoom rounds the output size.
     raise AssertionError(f'zoom gave a {grid.shape[:2]} grid, wanted {(gh, gw)}.')
@@ -238,15 +242,20 @@ def _npz_flavour(flat: Mapping[str, Any], prefix: str) -> Optional[str]:
 
 
 def _read_vit_jax(flat: dict[str, np.ndarray], path: str) -> Checkpoint:
-  pre_linen = any('/MultiHeadDotProductAttention_1/' in k for k in flat)
+  if any('/MultiHeadDotProductAttention_1/' in k for k in flat):
+    flat = _rename_block_modules(flat, _PRE_LINEN)
+  return Checkpoint(flat, 'vit_jax', posemb_has_cls='cls' in flat, scan=False, path=path)
+
+
+def _rename_block_modules(flat: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+  """Renames the modules directly inside each encoderblock_{i} (e.g. LayerNorm_2 -> LayerNorm_1)."""
   out = {}
   for key, value in flat.items():
-    match = _BLOCK.match(key)
-    if pre_linen and match:
+    if match := _BLOCK.match(key):
       module, _, rest = match.group(3).partition('/')
-      key = f'{match.group(1)}/encoderblock_{match.group(2)}/{_PRE_LINEN.get(module, module)}/{rest}'
+      key = f'{match.group(1)}/encoderblock_{match.group(2)}/{names.get(module, module)}/{rest}'
     out[key] = value
-  return Checkpoint(out, 'vit_jax', posemb_has_cls='cls' in out, scan=False, path=path)
+  return out
 
 
 def _read_big_vision(flat: dict[str, np.ndarray], path: str) -> Checkpoint:
@@ -263,25 +272,21 @@ _HF_QKV = {'query': 'query', 'key': 'key', 'value': 'value', 'q': 'query', 'k': 
 _MHA = 'MultiHeadDotProductAttention_0'
 # (regex over the module path, our module path, conversion kind); both the on-disk names and
 # transformers 5's in-memory names.
+_LAYER = r'Transformer/encoderblock_\1'
 _HF_MODULES: tuple[tuple[re.Pattern, str, str], ...] = tuple(
     (re.compile(pattern), target, kind) for pattern, target, kind in (
         (r'embeddings\.patch_embeddings\.projection', 'embedding', 'conv'),
-        (r'encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)',
-         rf'Transformer/encoderblock_\1/{_MHA}/\2', 'qkv'),
-        (r'layers\.(\d+)\.attention\.(q|k|v)_proj', rf'Transformer/encoderblock_\1/{_MHA}/\2', 'qkv'),
-        (r'encoder\.layer\.(\d+)\.attention\.output\.dense', rf'Transformer/encoderblock_\1/{_MHA}/out',
-         'out'),
-        (r'layers\.(\d+)\.attention\.o_proj', rf'Transformer/encoderblock_\1/{_MHA}/out', 'out'),
-        (r'(?:encoder\.layer|layers)\.(\d+)\.layernorm_before', r'Transformer/encoderblock_\1/LayerNorm_0',
-         'norm'),
-        (r'(?:encoder\.layer|layers)\.(\d+)\.layernorm_after', r'Transformer/encoderblock_\1/LayerNorm_1',
-         'norm'),
-        (r'encoder\.layer\.(\d+)\.intermediate\.dense', r'Transformer/encoderblock_\1/MlpBlock_0/Dense_0',
-         'linear'),
-        (r'layers\.(\d+)\.mlp\.fc1', r'Transformer/encoderblock_\1/MlpBlock_0/Dense_0', 'linear'),
-        (r'encoder\.layer\.(\d+)\.output\.dense', r'Transformer/encoderblock_\1/MlpBlock_0/Dense_1',
-         'linear'),
-        (r'layers\.(\d+)\.mlp\.fc2', r'Transformer/encoderblock_\1/MlpBlock_0/Dense_1', 'linear'),
+        (r'encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)', f'{_LAYER}/{_MHA}/q',
+         'qkv'),
+        (r'layers\.(\d+)\.attention\.(q|k|v)_proj', f'{_LAYER}/{_MHA}/q', 'qkv'),
+        (r'encoder\.layer\.(\d+)\.attention\.output\.dense', f'{_LAYER}/{_MHA}/out', 'out'),
+        (r'layers\.(\d+)\.attention\.o_proj', f'{_LAYER}/{_MHA}/out', 'out'),
+        (r'(?:encoder\.layer|layers)\.(\d+)\.layernorm_before', f'{_LAYER}/LayerNorm_0', 'norm'),
+        (r'(?:encoder\.layer|layers)\.(\d+)\.layernorm_after', f'{_LAYER}/LayerNorm_1', 'norm'),
+        (r'encoder\.layer\.(\d+)\.intermediate\.dense', f'{_LAYER}/MlpBlock_0/Dense_0', 'linear'),
+        (r'layers\.(\d+)\.mlp\.fc1', f'{_LAYER}/MlpBlock_0/Dense_0', 'linear'),
+        (r'encoder\.layer\.(\d+)\.output\.dense', f'{_LAYER}/MlpBlock_0/Dense_1', 'linear'),
+        (r'layers\.(\d+)\.mlp\.fc2', f'{_LAYER}/MlpBlock_0/Dense_1', 'linear'),
         (r'layernorm', 'Transformer/encoder_norm', 'norm'),
         (r'pooler\.dense', 'pre_logits', 'linear'),
         (r'classifier', 'head', 'linear'),
@@ -309,12 +314,43 @@ def _hf_config_path(path: str) -> Optional[str]:
   return config if os.path.exists(config) else None
 
 
+# safetensors dtype names -> numpy dtypes, including those numpy lacks (ml_dtypes ships with JAX).
+_SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+    'F8_E4M3': ml_dtypes.float8_e4m3fn, 'F8_E5M2': ml_dtypes.float8_e5m2,
+    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+    'BOOL': np.bool_,
+}
+
+
+def _read_safetensors_raw(file: str) -> dict[str, np.ndarray]:
+  """Reads a safetensors file from its header: 8-byte length, JSON, then raw little-endian data.
+
+  Used for dtypes such as bfloat16 that safetensors.numpy cannot represent.
+  """
+  with open(file, 'rb') as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
+    data = f.read()
+  out = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    if info['dtype'] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f'{file!r}: tensor {name} has unsupported dtype {info["dtype"]}.')
+    start, end = info['data_offsets']
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
+    out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info['shape'])
+  return out
+
+
 def _read_safetensors(files: Sequence[str]) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   tensors = {}
   for file in files:
     try:
       tensors.update(load_file(file))
+    except TypeError:  # a dtype numpy does not have, e.g. bfloat16.
+      tensors.update(_read_safetensors_raw(file))
     except Exception as e:  # safetensors raises its own error types for bad headers.
       raise _unknown_format(file, f'safetensors cannot read it ({type(e).__name__}: {e})') from e
   return tensors
@@ -478,7 +514,8 @@ def read(path: str | os.PathLike, *, format: str = 'auto',  # pylint: disable=re
   return _read_vit_jax(flat, path) if fmt == 'vit_jax' else _read_big_vision(flat, path)
 
 
-def inspect(path: str | os.PathLike, *, format: str = 'auto') -> dict[str, Any]:  # pylint: disable=redefined-builtin
+def inspect(path: str | os.PathLike, *,
+            format: str = 'auto') -> dict[str, Any]:  # pylint: disable=redefined-builtin
   """Infers a checkpoint's architecture from its tensor shapes.
 
   Returns a dict with format, hidden_size, num_layers, num_heads (None for a Hugging Face file
@@ -504,7 +541,8 @@ def inspect(path: str | os.PathLike, *, format: str = 'auto') -> dict[str, Any]:
   patch_h, patch_w, channels, hidden = shape('embedding/kernel')
   depth = len({m.group(2) for m in map(_BLOCK.match, p) if m and m.group(1) == 'Transformer'})
   query = shape(f'Transformer/encoderblock_0/{_MHA}/query/kernel')
-  classifier = 'token' if 'cls' in p else 'map' if any(k.startswith('MAPHead_0/') for k in p) else 'gap'
+  classifier = ('token' if 'cls' in p else
+                'map' if any(k.startswith('MAPHead_0/') for k in p) else 'gap')
   tokens = shape(POSEMB)[1] - (1 if ckpt.posemb_has_cls else 0)
   side = math.isqrt(tokens)
   info = dict(
@@ -536,7 +574,8 @@ _MODEL_KEYS = ('num_classes', 'patch_size', 'hidden_size', 'num_layers', 'num_he
                'layer_norm_epsilon', 'channels', 'scan')
 
 
-def model_kwargs_from_checkpoint(path: str | os.PathLike, *, format: str = 'auto') -> dict[str, Any]:  # pylint: disable=redefined-builtin
+def model_kwargs_from_checkpoint(path: str | os.PathLike, *,
+                                 format: str = 'auto') -> dict[str, Any]:  # pylint: disable=redefined-builtin
   """VisionTransformer(**kwargs) that the checkpoint at `path` loads into unchanged."""
   info = inspect(path, format=format)
   if info['num_heads'] is None:
@@ -699,7 +738,8 @@ def load(path: str | os.PathLike, model: VisionTransformer, *, image_size: Image
   model's parameters is reported in one CheckpointMismatchError.
   """
   if not isinstance(model, VisionTransformer):
-    raise TypeError(f'Expected a vadapt.models.vit.VisionTransformer; found {type(model).__name__}.')
+    raise TypeError('Expected a vadapt.models.vit.VisionTransformer; found '
+                    f'{type(model).__name__}.')
   path = require_file(path)
   ckpt = read(path, format=format, num_heads=model.num_heads)
   if ckpt.format == 'hf':
@@ -714,7 +754,8 @@ def load(path: str | os.PathLike, model: VisionTransformer, *, image_size: Image
   if model.scan:
     flat = stack_layers(flat)
   check_matches(expected, flat, source=source)
-  return unflatten({k: np.asarray(v).astype(expected[k].dtype, copy=False) for k, v in flat.items()})
+  return unflatten({k: np.asarray(v).astype(expected[k].dtype, copy=False)
+                    for k, v in flat.items()})
 
 
 # ----------------------------------------------------------------------------- writing
@@ -737,14 +778,7 @@ def save_vit_jax_npz(params: Mapping[str, Any], path: str | os.PathLike, *,
   flat = _per_layer(params)
   if 'cls' in flat and not _infer_posemb_slot(flat, posemb_includes_cls):
     flat[POSEMB] = np.concatenate([np.zeros_like(flat[POSEMB][:, :1]), flat[POSEMB]], axis=1)
-  out = {}
-  for key, value in flat.items():
-    match = _BLOCK.match(key)
-    if match:
-      module, _, rest = match.group(3).partition('/')
-      key = f'{match.group(1)}/encoderblock_{match.group(2)}/{_LINEN_TO_PRE.get(module, module)}/{rest}'
-    out[key] = value
-  np.savez(os.fspath(path), **out)
+  np.savez(os.fspath(path), **_rename_block_modules(flat, _LINEN_TO_PRE))
 
 
 def save_big_vision_npz(params: Mapping[str, Any], path: str | os.PathLike, *, scan: bool,

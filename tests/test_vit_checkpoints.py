@@ -4,6 +4,7 @@ import functools
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -127,6 +128,18 @@ def test_hf_round_trip(tiny, tmp_path):
   loaded = pv.load(path, model, image_size=32)
   _assert_same_params(loaded, params)
   np.testing.assert_array_equal(_apply(model, loaded, _images()), logits)
+
+
+@pytest.mark.parametrize('fmt', ['vit_jax', 'big_vision', 'hf'])
+def test_bfloat16_params_are_written_as_float32(tiny, tmp_path, fmt):
+  model, params, _ = tiny
+  bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+  path = tmp_path / ('model.safetensors' if fmt == 'hf' else 'w.npz')
+  {'vit_jax': pv.save_vit_jax_npz, 'hf': pv.save_hf_safetensors,
+   'big_vision': lambda p, f: pv.save_big_vision_npz(p, f, scan=False)}[fmt](bf16, path)
+  loaded = pv.load(path, model.clone(posemb_includes_cls=fmt != 'big_vision'), image_size=32)
+  np.testing.assert_array_equal(loaded['embedding']['kernel'],
+                                np.asarray(bf16['embedding']['kernel'], np.float32))
 
 
 def test_slot_conversion_is_exact(tiny, tmp_path):

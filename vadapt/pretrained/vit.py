@@ -508,7 +508,7 @@ def read(path: str | os.PathLike, *, format: str = 'auto',  # pylint: disable=re
     raise ValueError(f'Unknown checkpoint format {format!r}; known: auto, {", ".join(FORMATS)}.')
   if fmt == 'hf':
     if num_heads is None and (config := _hf_config_path(path)):
-      num_heads = _load_hf_config(config)['num_attention_heads']
+      num_heads = _load_hf_config(config).get('num_attention_heads')
     return _read_hf(path, num_heads)
   flat, _ = contents
   return _read_vit_jax(flat, path) if fmt == 'vit_jax' else _read_big_vision(flat, path)
@@ -529,7 +529,8 @@ def inspect(path: str | os.PathLike, *,
   if hf and (config_path := _hf_config_path(path)):
     config = _load_hf_config(config_path)
   # One head is enough to read shapes; the real head count comes from the kernels or config.json.
-  ckpt = read(path, format=format, num_heads=config['num_attention_heads'] if config else 1)
+  config_heads = config.get('num_attention_heads') if config else None
+  ckpt = read(path, format=format, num_heads=config_heads or 1)
   fmt = ckpt.format
   p = ckpt.params
 
@@ -549,7 +550,7 @@ def inspect(path: str | os.PathLike, *,
       format=ckpt.format,
       hidden_size=hidden,
       num_layers=depth,
-      num_heads=(config['num_attention_heads'] if config else None) if fmt == 'hf' else query[1],
+      num_heads=config_heads if fmt == 'hf' else query[1],
       mlp_dim=shape('Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel')[1],
       patch_size=patch_h if patch_h == patch_w else (patch_h, patch_w),
       channels=channels,
@@ -712,6 +713,11 @@ def _check_hf_config(path: str, model: VisionTransformer) -> None:
     raise CheckpointMismatchError(
         f'{config_path} has num_attention_heads={hf["num_heads"]} but the model has '
         f'num_heads={model.num_heads}; the weights would load with the wrong head split.')
+  pooler_act = _load_hf_config(config_path).get('pooler_act', 'tanh')
+  if model.representation_size is not None and pooler_act != 'tanh':
+    raise CheckpointMismatchError(
+        f'{config_path} has pooler_act={pooler_act!r}; the representation layer (pre_logits) '
+        'applies tanh.')
   for key in ('activation', 'layer_norm_epsilon'):
     if hf[key] != getattr(model, key):
       logger.warning('%s has %s=%r but the model uses %r: outputs will differ from Hugging Face.',
@@ -760,12 +766,18 @@ def load(path: str | os.PathLike, model: VisionTransformer, *, image_size: Image
 
 # ----------------------------------------------------------------------------- writing
 
+_NARROW_FLOATS = tuple(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
+                                             ml_dtypes.float8_e5m2))
+
 
 def _per_layer(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   flat = flatten(params)
   if 'params' in params and not any(k.startswith('Transformer/') for k in flat):
     flat = flatten(params['params'])  # accept the whole variables dict too.
-  return {k: np.asarray(v) for k, v in unstack_layers(flat).items()}
+  flat = {k: np.asarray(v) for k, v in unstack_layers(flat).items()}
+  # .npz and safetensors.numpy have no bfloat16/float8: widen those to float32, losslessly.
+  return {k: v.astype(np.float32) if v.dtype in _NARROW_FLOATS else v
+          for k, v in flat.items()}
 
 
 def save_vit_jax_npz(params: Mapping[str, Any], path: str | os.PathLike, *,

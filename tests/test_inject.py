@@ -93,7 +93,7 @@ def test_placement_identity_training_and_paths(method, backbone, batch):
   model, bb_params = backbone
   images, _ = batch
   adapted = api.adapt(model, method, bottleneck=8)
-  params = api.init_with_pretrained(adapted, bb_params, jax.random.key(4), images[:2])
+  params = api.init_with_pretrained(adapted, bb_params, jax.random.key(4), images)
   assert _adapter_shapes(params) == GOLDEN[method]
   np.testing.assert_array_equal(adapted.apply({'params': params}, images),
                                 model.apply({'params': bb_params}, images))
@@ -275,6 +275,13 @@ def test_bad_targets():
     inject.Target('(', BottleneckConfig(bottleneck=2))
   with pytest.raises(TypeError, match='config with a build'):
     inject.Target('x', {'bottleneck': 2})
+
+
+def test_two_targets_one_name_on_one_module():
+  cfg = BottleneckConfig(bottleneck=2)
+  adapted = api.adapt(TinyNet(), targets=[inject.Target('fc1', cfg), inject.Target('fc.', cfg)])
+  with pytest.raises(ValueError, match=r"named \['adapter', 'adapter'\] on 'fc1'.*distinct name"):
+    jax.eval_shape(adapted.init, jax.random.key(0), jnp.ones((1, 8)))
 
 
 def test_unknown_method_lists_known(backbone):

@@ -136,8 +136,6 @@ def init_with_pretrained(model: Adapted, backbone_params: Mapping[str, Any], rng
   if set(backbone_params) == {'params'}:
     raise ValueError("backbone_params must be the 'params' collection itself; found a dict with "
                      "only a 'params' key: pass variables['params'].")
-  init = functools.partial(model.init, **sample_kwargs)
-  adapted = jax.eval_shape(init, rng, *sample_args)
   bare = jax.eval_shape(functools.partial(model.backbone.init, **sample_kwargs), rng,
                         *sample_args)
   extra_collections = sorted(set(bare) - {'params'})
@@ -150,20 +148,20 @@ def init_with_pretrained(model: Adapted, backbone_params: Mapping[str, Any], rng
   if unexpected:
     raise ValueError(f'backbone_state holds collections {unexpected} the backbone does not have; '
                      f'it has {sorted(bare)}.')
-
-  flat_bare = {c: flatten(bare[c]) for c in bare}
-  flat_adapted = {c: flatten(adapted[c]) for c in adapted}
+  variables = {}
   for c in bare:
-    check_matches(flat_bare[c], flatten(given[c]), source=f'backbone {c!r}')
-  new = {c: sorted(set(flat_adapted[c]) - set(flat_bare.get(c, {}))) for c in flat_adapted}
+    expected = flatten(bare[c])
+    found = flatten(given[c])
+    check_matches(expected, found, source=f'backbone {c!r}')
+    variables[c] = unflatten(_cast_like(found, expected))
 
-  def init_new(key):
-    variables = init(key, *sample_args)
-    return {c: {k: flatten(variables[c])[k] for k in keys} for c, keys in new.items() if keys}
-
-  # Only the adapters' leaves leave the jitted init, so the backbone's initialisers and the
-  # forward pass are dead code that XLA drops.
-  fresh = jax.jit(init_new)(rng)
-  out = {c: unflatten({**_cast_like(flatten(given[c]), flat_adapted[c]), **fresh.get(c, {})})
-         for c in flat_adapted if c in given or c in fresh}
+  # One forward pass with the backbone's variables in place: Flax creates only what is missing
+  # (the adapters), so no backbone initialiser runs and nothing is compiled.
+  rngs = rng if isinstance(rng, Mapping) else {'params': rng}
+  _, created = model.apply(variables, *sample_args, rngs=rngs, mutable=True, **sample_kwargs)
+  created = {c: v for c, v in created.items() if c != 'intermediates'}
+  out = dict(variables)
+  for c, tree in created.items():
+    flat, old = flatten(tree), flatten(variables.get(c, {}))
+    out[c] = unflatten({**flat, **old})
   return out['params'] if backbone_state is None else out

@@ -151,6 +151,10 @@ class _Interceptor:
 
   def _adapt(self, module, path, hits, next_fun, args, kwargs):
     targets = [self.targets[i] for i in hits]
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+      raise ValueError(f'Several targets put an adapter named {names} on {path!r} '
+                       f'(patterns {[t.pattern for t in targets]}): give each a distinct name=.')
     for i in hits:
       self.applied[i].add(path)
     x = None
@@ -216,9 +220,6 @@ class Adapted(nn.Module):
     if not isinstance(self.targets, tuple) or not all(isinstance(t, Target) for t in self.targets):
       raise TypeError(f'Adapted.targets must be a tuple of vadapt.inject.Target; found '
                       f'{self.targets!r}.')
-    names = {}
-    for t in self.targets:
-      names.setdefault(t.name, []).append(t.pattern)
     # Backbone params stay at their own paths: the wrapper adds no prefix.
     nn.share_scope(self, self.backbone)
 

@@ -33,7 +33,8 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
           reduction_factor: Optional[float] = None, layers: placements.Layers = None,
           activation: str = 'relu', scale: Optional[float] = None, learnable_scale: bool = False,
           layer_norm: Optional[bool] = None, dropout: float = 0.0,
-          targets: Optional[Iterable[Union[Target, str]]] = None) -> Adapted:
+          targets: Optional[Iterable[Union[Target, str]]] = None,
+          scope: Optional[str] = None) -> Adapted:
   """Wraps `backbone` with adapters placed by `method`.
 
   Args:
@@ -50,6 +51,9 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
     dropout: adapter dropout (active when the model is called with train=True).
     targets: instead of `method`'s placement, these Targets, or module-path regexes that get the
       adapter described by the other options ('parallel' position for the parallel methods).
+    scope: regex for the encoder whose blocks the transformer methods adapt; by default every
+      module named 'Transformer' (both CLIP towers); e.g. 'vision/Transformer' for CLIP's image
+      tower only.
 
   Returns:
     An inject.Adapted module; its backbone params keep their paths.
@@ -103,7 +107,8 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
         f'layers={layers!r} selects blocks, but this backbone runs its blocks under nn.scan '
         '(scan=True): all blocks are one module sharing one adapter slot. Build the backbone with '
         'scan=False (same weights, unstacked) to adapt a subset of blocks.')
-  return Adapted(backbone=backbone, targets=placements.PLACEMENTS[method](config, layers=layers))
+  return Adapted(backbone=backbone, targets=placements.PLACEMENTS[method](
+      config, layers=layers, scope=placements.DEFAULT_SCOPE if scope is None else scope))
 
 
 def _cast_like(tree: Mapping[str, Any], abstract: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The Flax CLIP module: layout, parameter counts, shapes, masking, bad inputs, adapter injection."""
+"""The Flax CLIP module: layout, parameter counts, shapes, masking, bad inputs, adapters."""
 
 import jax
 import jax.numpy as jnp
@@ -153,7 +153,8 @@ def test_adapters_inject_into_each_tower_with_identity_at_init(tiny):
   model, params, images, tokens = tiny
   want = apply(model, {'params': params}, images, tokens)
   towers = {
-      'vision': r'vision/Transformer/encoderblock_\d+/(?:MlpBlock_0|MultiHeadDotProductAttention_0)',
+      'vision': (r'vision/Transformer/encoderblock_\d+/'
+                 r'(?:MlpBlock_0|MultiHeadDotProductAttention_0)'),
       'text': r'text/Transformer/encoderblock_1/MlpBlock_0',
   }
   for tower, pattern in towers.items():

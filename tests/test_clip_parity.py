@@ -102,7 +102,8 @@ def hf_to_openai(sd):
       continue
     m = layer.fullmatch(k)
     if m:
-      prefix = ('visual.' if m.group(1) == 'vision' else '') + f'transformer.resblocks.{m.group(2)}.'
+      tower = 'visual.' if m.group(1) == 'vision' else ''
+      prefix = f'{tower}transformer.resblocks.{m.group(2)}.'
       rest = m.group(3)
       qkv = re.fullmatch(r'self_attn\.([qkv])_proj\.(weight|bias)', rest)
       if qkv:

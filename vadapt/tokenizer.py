@@ -2,9 +2,9 @@
 
 The pipeline is the one of transformers' ``CLIPTokenizer`` (and so gives the same ids):
 NFC, runs of whitespace -> one space, lowercase; split on CLIP's pattern (contractions, letter runs,
-single digits, punctuation runs); byte-level BPE with the ``</w>`` end-of-word suffix. Unlike OpenAI's
-``SimpleTokenizer`` it does not run ftfy or unescape HTML entities, so the two differ only on text
-with mojibake or entities such as ``&amp;``.
+single digits, punctuation runs); byte-level BPE with the ``</w>`` end-of-word suffix. Unlike
+OpenAI's ``SimpleTokenizer`` it does not run ftfy or unescape HTML entities, so the two differ only
+on text with mojibake or entities such as ``&amp;``.
 
 The vocabulary comes from, in order of preference:
   * a Hugging Face checkpoint directory (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``);
@@ -16,7 +16,8 @@ Outputs are int32 arrays of shape (N, context_length): ``<|startoftext|>`` text 
 then padding. Text that does not fit is truncated to ``context_length - 2`` tokens and the end token
 is kept (OpenAI's ``tokenize(..., truncate=True)``); with ``truncate=False`` it is an error instead.
 Padding is 0 as in OpenAI's ``tokenize``; pass ``pad_id=tokenizer.eot_id`` for Hugging Face's
-padding with the end token. CLIP models read text features at argmax(ids), the end token, either way.
+padding with the end token. CLIP models read text features at argmax(ids), the end token, either
+way.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def openai_vocab_and_merges(
   return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def build_tokenizer(vocab: dict[str, int], merges: Sequence[tuple[str, str]]) -> tokenizers.Tokenizer:
+def build_tokenizer(vocab: dict[str, int],
+                    merges: Sequence[tuple[str, str]]) -> tokenizers.Tokenizer:
   """A ``tokenizers.Tokenizer`` with CLIP's normaliser, pre-tokeniser and BPE model."""
   tok = tokenizers.Tokenizer(models.BPE(
       vocab=dict(vocab), merges=[tuple(m) for m in merges], continuing_subword_prefix='',

@@ -368,4 +368,5 @@ def load(path: str | os.PathLike, model: Optional[clip_model.CLIP] = None,
     model = clip_model.CLIP(**config_from_checkpoint(state_dict, hf_config, **overrides))
   elif overrides:
     raise TypeError(f'Pass either a model or config overrides, not both (got {sorted(overrides)}).')
-  return model, params_from_state_dict(state_dict, model, source=f'CLIP checkpoint {os.fspath(path)!r}')
+  source = f'CLIP checkpoint {os.fspath(path)!r}'
+  return model, params_from_state_dict(state_dict, model, source=source)

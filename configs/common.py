@@ -124,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  c.mesh.num_devices = -1  # Use the first N devices; -1 = all (of every process).
+  c.mesh.fsdp_min_size = 2 ** 14  # Leaves smaller than this stay replicated under 'fsdp'.
   c.param_sharding = 'replicate'  # 'replicate' | 'fsdp' (frozen backbone split over 'fsdp').
 
   # Multi-host: one process per host, each reading its own shard of every batch.
@@ -155,9 +157,11 @@ def apply_test_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.backbone.dtype = 'float32'
   c.input.source = 'digits'
   c.input.name = 'digits'
+  c.input.train_split = 'train'
+  c.input.eval_split = 'test[:64]'
   c.adapter.bottleneck = 8
   c.batch_size = 8
-  c.eval_batch_size = 16
+  c.eval_batch_size = 32
   c.total_steps = 4
   c.log_every = 2
   c.eval_every = 0

@@ -146,29 +146,23 @@ def load_adapter(path: str, model: nn.Module, backbone_params: Mapping[str, Any]
     CheckpointMismatchError: the adapter's tensors do not fit the model.
   """
   flat_delta, meta = read_adapter(path)
-  size = image_size or meta.get('image_size')
-  if not size:
-    raise ValueError('image_size is needed to trace the model; the adapter file stores none.')
-  images = jnp.zeros((1, size, size, 3), jnp.float32)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), images, train=False)['params'])
-  expected = pretrained_common.flatten(shapes)
   backbone_flat = pretrained_common.flatten(backbone_params)
-
-  frozen_paths = sorted(set(expected) - set(flat_delta))
-  frozen = {k: backbone_flat[k] for k in frozen_paths if k in backbone_flat}
-  missing_frozen = [k for k in frozen_paths if k not in backbone_flat]
-  if missing_frozen:
-    raise pretrained_common.CheckpointMismatchError(
-        f'The backbone params lack {len(missing_frozen)} frozen tensors the model needs, e.g. '
-        f'{missing_frozen[:5]}.')
+  # The frozen tree of training = every backbone leaf the delta does not replace.
+  frozen = {k: v for k, v in backbone_flat.items() if k not in flat_delta}
   found_fp = fingerprint(pretrained_common.unflatten(frozen))
   if found_fp != meta['backbone_fingerprint']:
     raise BackboneMismatchError(
         f'Adapter {path!r} was trained on a backbone with fingerprint '
-        f'{meta["backbone_fingerprint"][:16]}... (from {meta.get("backbone_checkpoint") or "a random init"!r}, '
-        f'variant {meta.get("variant")!r}); the given backbone has fingerprint {found_fp[:16]}...: '
-        'its parameter paths, shapes or dtypes differ. Load the backbone it was trained on.')
-  merged = {**frozen, **{k: v for k, v in flat_delta.items()}}
+        f'{meta["backbone_fingerprint"][:16]}... (variant {meta.get("variant")!r}, from '
+        f'{meta.get("backbone_checkpoint") or "a random init"!r}); the given backbone has '
+        f'fingerprint {found_fp[:16]}...: its parameter paths, shapes or dtypes differ. Load '
+        'the backbone it was trained on.')
+  size = image_size or meta.get('image_size')
+  if not size:
+    raise ValueError('image_size is needed to trace the model; the adapter file stores none.')
+  images = jnp.zeros((1, size, size, 3), jnp.float32)
+  expected = pretrained_common.flatten(jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), images, train=False)['params']))
+  merged = {**frozen, **flat_delta}
   pretrained_common.check_matches(expected, merged, source=f'adapter {path!r} + backbone')
   return pretrained_common.unflatten(merged)

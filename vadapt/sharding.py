@@ -74,7 +74,7 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 2 ** 14) -> 
   return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rule: str = 'replicate') -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, rule: str = 'replicate', min_size: int = 2 ** 14) -> Any:
   """NamedShardings for a tree of arrays or ShapeDtypeStructs.
 
   Args:
@@ -82,6 +82,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rule: str = 'replicate') -> Any:
     mesh: the mesh.
     rule: 'replicate' (every device holds every leaf) or 'fsdp' (largest divisible dim of each
       big leaf split over the 'fsdp' axis).
+    min_size: under 'fsdp', leaves with fewer elements stay replicated.
   """
   if rule not in ('replicate', 'fsdp'):
     raise ValueError(f"Unknown sharding rule {rule!r}; expected 'replicate' or 'fsdp'.")
@@ -90,7 +91,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rule: str = 'replicate') -> Any:
   def one(leaf):
     if rule == 'replicate':
       return NamedSharding(mesh, P())
-    return NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp_size))
+    return NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp_size, min_size))
 
   return jax.tree.map(one, tree)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -167,7 +168,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(delta)
     updates, opt_state = tx.update(grads, opt_state, delta)
     delta = optax.apply_updates(delta, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(delta)]))
     metrics = {
@@ -244,7 +245,13 @@ def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
 
 
 def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _Experiment:
-  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+  devices = jax.devices()
+  n = config.mesh.get('num_devices', -1)
+  if n != -1:
+    if not 1 <= n <= len(devices):
+      raise ValueError(f'mesh.num_devices={n} but {len(devices)} devices are available.')
+    devices = devices[:n]
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   _check_config(config, mesh)
   info = input_pipeline.get_info(config.input)
   model, backbone = build_model(config, info.num_classes)
@@ -269,9 +276,10 @@ def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _
   if not jax.tree.leaves(delta_abs):
     raise ValueError(f'Nothing to train: the label rules of method {config.adapter.method!r} '
                      'mark every parameter frozen.')
-  delta_sh = sharding_lib.tree_shardings(delta_abs, mesh, config.param_sharding)
-  frozen_sh = sharding_lib.tree_shardings(frozen_abs, mesh, config.param_sharding)
-  bb_sh = sharding_lib.tree_shardings(backbone_params, mesh, config.param_sharding)
+  shardings = functools.partial(sharding_lib.tree_shardings, mesh=mesh,
+                                rule=config.param_sharding,
+                                min_size=config.mesh.get('fsdp_min_size', 2 ** 14))
+  delta_sh, frozen_sh, bb_sh = shardings(delta_abs), shardings(frozen_abs), shardings(backbone_params)
 
   if load_weights:
     # big_vision-style: shapes first, then one jitted init that lands every leaf where it belongs.
@@ -305,7 +313,8 @@ def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _
 def _opt_state_shardings(exp: _Experiment):
   abstract = jax.eval_shape(exp.tx.init, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.delta))
-  return sharding_lib.tree_shardings(abstract, exp.mesh, exp.config.param_sharding)
+  return sharding_lib.tree_shardings(abstract, exp.mesh, exp.config.param_sharding,
+                                     min_size=exp.config.mesh.get('fsdp_min_size', 2 ** 14))
 
 
 def _preprocess(config: ml_collections.ConfigDict, split: str) -> str:
@@ -563,8 +572,15 @@ def _log_summary(exp: _Experiment, m: dict, ckpt_dir: str, step: int,
                  f'(chance {1.0 / exp.info.num_classes:.3f})')
   lines.append(f'eval accuracy after {step} steps: {m["eval/accuracy"]:.3f} '
                f'on {int(m["eval/examples"])} held-out examples')
-  lines.append(f'delta on disk: {_human_bytes(delta_disk)} (step {step}) vs frozen backbone '
-               f'{_human_bytes(_tree_bytes(exp.frozen))} in memory, never written')
+  frozen_bytes = _tree_bytes(exp.frozen)
+  if frozen_bytes:
+    ckpt = exp.config.backbone.checkpoint
+    source = (f'; its checkpoint {ckpt} is {_human_bytes(os.path.getsize(ckpt))}'
+              if ckpt and os.path.isfile(ckpt) else '')
+    lines.append(f'delta on disk: {_human_bytes(delta_disk)} (step {step}); the frozen backbone '
+                 f'({_human_bytes(frozen_bytes)}) is never written{source}')
+  else:
+    lines.append(f'delta on disk: {_human_bytes(delta_disk)} (step {step}; every parameter trains)')
   lines.append(f'checkpoints: {ckpt_dir}')
   if adapter_path:
     lines.append(f'exported adapter: {adapter_path} '

@@ -1,0 +1,215 @@
+"""End-to-end training on the tiny configs, and the errors bad inputs must give."""
+
+import importlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vadapt import backbones
+from vadapt import checkpoint as ckpt_lib
+from vadapt import metrics as metrics_lib
+from vadapt import partition
+from vadapt import train
+from vadapt.pretrained import common as pretrained_common
+from vadapt.pretrained import vit as vit_loader
+
+def get_config(name='vit_b16_adapter', arg='test', **overrides):
+  """A `:test` config on one device (the sharding tests cover meshes) with dotted overrides."""
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
+  overrides = {'mesh.num_devices': 1, **overrides}
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """One 4-step run of vit_b16_adapter:test on a backbone loaded from a vit_jax .npz."""
+  root = tmp_path_factory.mktemp('run')
+  npz = str(root / 'backbone.npz')
+  config = get_config(**{'backbone.checkpoint': npz, 'checkpoint_every': 2, 'max_to_keep': 5})
+  random_backbone = get_config().backbone
+  vit_loader.save_vit_jax_npz(backbones.load_params(
+      random_backbone, backbones.make_model(random_backbone, 10), rng=jax.random.PRNGKey(42)), npz)
+  result = train.train_and_evaluate(config, str(root / 'work'))
+  return config, result, str(root / 'work'), npz
+
+
+def test_vit_b16_adapter_test_config_trains(run):
+  config, result, workdir, _ = run
+  assert result.step == config.total_steps == 4
+  assert np.isfinite(result.metrics['train/loss'])
+  assert 0.0 <= result.metrics['eval/accuracy'] <= 1.0
+  assert 'eval/accuracy_at_start' in result.metrics
+  assert ckpt_lib.Checkpointer(workdir).all_steps() == [2, 4]
+  assert os.path.exists(result.adapter_path)
+  records = metrics_lib.read_jsonl(workdir)
+  assert [r['step'] for r in records if 'train/loss' in r] == [2, 4]
+  assert {'train/accuracy', 'train/learning_rate', 'train/grad_norm',
+          'train/img_per_sec'} <= set(records[-2])
+  assert any('eval/accuracy' in r for r in records)
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+
+
+def test_digits_demo_test_config_pretrains_then_adapts(tmp_path):
+  config = get_config('digits_demo')
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result.step == config.total_steps
+  # Stage 1 wrote a real vit_jax checkpoint; stage 2 loaded it, froze it and trained adapters.
+  npz = os.path.join(tmp_path, config.pretrain.output)
+  assert vit_loader.detect_format(npz) == 'vit_jax'
+  assert ckpt_lib.Checkpointer(str(tmp_path / 'pretrain')).latest_step() == 4
+  meta = ckpt_lib.Checkpointer(str(tmp_path)).restore_meta(4)
+  assert meta['backbone_checkpoint'] == npz and meta['adapter']['method'] == 'houlsby'
+  pretrained = pretrained_common.flatten(vit_loader.load(
+      npz, backbones.make_model(config.backbone, 5), image_size=config.backbone.image_size))
+  for key, value in pretrained_common.flatten(jax.device_get(result.frozen)).items():
+    np.testing.assert_array_equal(value, pretrained[key], err_msg=key)
+  # The new head started from zero, not from the source task's head.
+  assert result.metrics['eval/accuracy_at_start'] < 0.5
+
+
+def test_one_step(tmp_path):
+  result = train.train_and_evaluate(get_config(total_steps=1, eval_at_start=False), str(tmp_path))
+  assert result.step == 1 and np.isfinite(result.metrics['train/loss'])
+
+
+def test_frozen_backbone_bit_identical(run):
+  config, result, _, npz = run
+  loaded = pretrained_common.flatten(vit_loader.load(
+      npz, backbones.make_model(config.backbone, 10), image_size=config.backbone.image_size))
+  frozen = pretrained_common.flatten(jax.device_get(result.frozen))
+  assert frozen and set(frozen) == set(loaded) - {'head/kernel', 'head/bias'}
+  for key, value in frozen.items():
+    np.testing.assert_array_equal(value, loaded[key], err_msg=key)
+
+
+def test_workdir_holds_only_delta_opt_state_and_meta(run):
+  _, result, workdir, _ = run
+  frozen = pretrained_common.flatten(jax.device_get(result.frozen))
+  step_dir = os.path.join(result.checkpoint_dir, '4')
+  items = {d for d in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, d))}
+  assert items == {'delta', 'opt_state', 'meta'}
+  delta_keys = set(pretrained_common.flatten(ckpt_lib.Checkpointer(workdir).restore_delta(4)))
+  assert delta_keys and not delta_keys & set(frozen)
+  assert all('/adapter/' in k or k.startswith('head/') for k in delta_keys)
+  # Orbax stores these small arrays raw: a trained delta leaf's bytes appear in the checkpoint
+  # files, while no frozen tensor's bytes appear anywhere in the workdir.
+  blobs = []
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      with open(os.path.join(root, f), 'rb') as fh:
+        blobs.append(fh.read())
+  data = b'\0'.join(blobs)
+  restored = ckpt_lib.Checkpointer(workdir).restore_delta(4)
+  largest = max(jax.tree.leaves(restored), key=lambda x: x.size)
+  assert np.asarray(largest).tobytes() in data
+  for key, value in frozen.items():
+    if value.nbytes >= 256:
+      assert np.asarray(value).tobytes() not in data, f'{key} was written to {workdir}'
+  delta_bytes = sum(np.asarray(v).nbytes for v in jax.tree.leaves(result.delta))
+  assert 4 * delta_bytes < sum(v.nbytes for v in frozen.values())
+
+
+@pytest.mark.parametrize('method', ['linear', 'full'])
+def test_linear_probe_and_full_finetuning_use_the_same_path(method, tmp_path):
+  config = get_config(**{'adapter.method': method, 'total_steps': 1, 'eval_at_start': False})
+  result = train.train_and_evaluate(config, str(tmp_path))
+  delta = pretrained_common.flatten(result.delta)
+  if method == 'linear':
+    assert set(delta) == {'head/kernel', 'head/bias'}
+    assert result.adapter_path is not None
+  else:
+    assert not jax.tree.leaves(result.frozen) and 'embedding/kernel' in delta
+    assert result.adapter_path is None  # Nothing adapter-sized to export.
+  assert not any('/adapter/' in k for k in delta)
+  assert np.isfinite(result.metrics['train/loss'])
+
+
+# ------------------------------------------------------------------------------- bad inputs
+
+
+def _assert_checkpoint_intact(workdir, step=4):
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  assert checkpointer.latest_step() == step
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(checkpointer.restore_delta(step)))
+
+
+def test_unknown_dataset_name(run):
+  workdir = run[2]
+  config = get_config(**{'input.source': 'tfds', 'input.name': 'no_such_dataset_xyz'})
+  with pytest.raises(Exception, match='no_such_dataset_xyz'):
+    train.train_and_evaluate(config, workdir)
+  _assert_checkpoint_intact(workdir)
+
+
+def test_dataset_not_present_offline_fails_fast(tmp_path):
+  import time
+  config = get_config(**{'input.source': 'tfds', 'input.name': 'cifar10',
+                         'input.data_dir': str(tmp_path / 'tfds')})
+  start = time.perf_counter()
+  with pytest.raises(Exception, match='cifar10'):
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert time.perf_counter() - start < 30
+
+
+def test_missing_checkpoint_path(run, tmp_path):
+  workdir = run[2]
+  config = get_config(**{'backbone.checkpoint': str(tmp_path / 'nope.npz')})
+  with pytest.raises(FileNotFoundError, match='nope.npz'):
+    train.train_and_evaluate(config, workdir)
+  _assert_checkpoint_intact(workdir)
+
+
+def test_batch_size_not_divisible_by_devices(tmp_path):
+  assert jax.device_count() == 8
+  config = get_config(batch_size=12, **{'mesh.num_devices': -1})
+  with pytest.raises(ValueError, match=r'batch_size=12 is not divisible by the 8 devices'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_unknown_method():
+  with pytest.raises(ValueError, match="Unknown adapter.method 'lora_typo'"):
+    train.adapter_spec(get_config(**{'adapter.method': 'lora_typo'}))
+
+
+def test_unknown_config_argument():
+  with pytest.raises(ValueError, match="Unknown config argument 'bottlenek'"):
+    get_config('vit_b16_adapter', 'bottlenek=3')
+
+
+def test_nan_loss_stops_keeps_last_good_checkpoint_and_names_the_step(tmp_path):
+  config = get_config(**{'total_steps': 6, 'checkpoint_every': 2, 'log_every': 1,
+                         'debug.nan_at_step': 5, 'eval_at_start': False})
+  with pytest.raises(train.TrainingDivergedError, match=r'diverged at step 5\b.*step 4'):
+    train.train_and_evaluate(config, str(tmp_path))
+  _assert_checkpoint_intact(str(tmp_path), step=4)
+  assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [2, 4]
+
+
+def test_resume_refuses_a_checkpoint_of_another_backbone(run):
+  workdir = run[2]
+  config = get_config(**{'backbone.variant': 'mu/8', 'total_steps': 6})
+  with pytest.raises(ckpt_lib.BackboneMismatchError, match='another backbone'):
+    train.train_and_evaluate(config, workdir)
+  _assert_checkpoint_intact(workdir)
+
+
+def test_labels_cover_delta_exactly():
+  config = get_config()
+  model, backbone = train.build_model(config, 10)
+  assert model is not backbone
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros(
+      (1, 32, 32, 3), np.float32))['params'])
+  labels = partition.label_tree(shapes, train.label_rules(config))
+  delta, frozen = partition.split(shapes, labels)
+  assert set(pretrained_common.flatten(delta)) == {
+      k for k in pretrained_common.flatten(shapes) if '/adapter/' in k or k.startswith('head/')}
+  assert jax.tree.leaves(frozen)

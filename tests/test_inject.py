@@ -244,6 +244,24 @@ def test_custom_compact_model_all_positions():
   np.testing.assert_array_equal(adapted.apply(variables, x), TinyNet().apply(bare, x))
 
 
+class WithHead(nn.Module):
+  """An adapted model used as a submodule: patterns stay relative to the backbone."""
+
+  @nn.compact
+  def __call__(self, x):
+    target = inject.Target('fc2', BottleneckConfig(bottleneck=2))
+    # parent=None: built unbound, the backbone becomes the wrapper's child, not a sibling.
+    x = inject.Adapted(TinyNet(parent=None), (target,), name='body')(x)
+    return nn.Dense(3, name='fc2')(x)
+
+
+def test_adapted_model_nested_in_another():
+  params = jax.eval_shape(WithHead().init, jax.random.key(0), jnp.ones((1, 8)))['params']
+  assert sorted(k for k in flatten(params) if 'adapter' in k) == [
+      'body/fc2/adapter/down/bias', 'body/fc2/adapter/down/kernel',
+      'body/fc2/adapter/up/bias', 'body/fc2/adapter/up/kernel']
+
+
 def test_catch_all_pattern_does_not_adapt_adapters():
   adapted = api.adapt(TinyNet(), 'pfeiffer', bottleneck=2, targets=['.*'])
   params = jax.eval_shape(adapted.init, jax.random.key(0), jnp.ones((1, 8)))['params']

@@ -108,8 +108,9 @@ def _first_array(args, kwargs, path: str, position: str):
 class _Interceptor:
   """Holds one call's bookkeeping: which targets applied where, and every module path seen."""
 
-  def __init__(self, targets: tuple[Target, ...], deterministic: bool):
+  def __init__(self, targets: tuple[Target, ...], deterministic: bool, prefix: tuple[str, ...]):
     self.targets = targets
+    self.prefix = prefix  # The wrapper's own path: patterns are relative to the backbone.
     self.regexes = [re.compile(t.pattern) for t in targets]
     self.deterministic = deterministic
     self.applied: list[set[str]] = [set() for _ in targets]
@@ -121,7 +122,10 @@ class _Interceptor:
     if context.method_name != '__call__' or self.in_adapter:
       return next_fun(*args, **kwargs)
     module = context.module
-    path = '/'.join(str(p) for p in module.path)
+    full = tuple(str(p) for p in module.path)
+    if full[:len(self.prefix)] != self.prefix:
+      return next_fun(*args, **kwargs)  # Not part of this backbone.
+    path = '/'.join(full[len(self.prefix):])
     self.seen.setdefault(path, type(module).__name__)
     hits = [i for i, rx in enumerate(self.regexes) if rx.fullmatch(path)]
     if not hits or path in self.active:
@@ -229,7 +233,8 @@ class Adapted(nn.Module):
 
   def call_method(self, method: str, *args, **kwargs):
     """Calls `backbone.<method>(*args, **kwargs)` with adapters (e.g. a CLIP model's encoder)."""
-    interceptor = _Interceptor(self.targets, deterministic=not _is_train(kwargs))
+    interceptor = _Interceptor(self.targets, deterministic=not _is_train(kwargs),
+                               prefix=tuple(str(p) for p in self.path))
     with nn.intercept_methods(interceptor):
       out = getattr(self.backbone, method)(*args, **kwargs)
     interceptor.check()

@@ -152,19 +152,17 @@ def test_adapters_inject_into_each_tower_with_identity_at_init(tiny):
   api = pytest.importorskip('vadapt.api')
   model, params, images, tokens = tiny
   want = apply(model, {'params': params}, images, tokens)
-  towers = {
-      'vision': (r'vision/Transformer/encoderblock_\d+/'
-                 r'(?:MlpBlock_0|MultiHeadDotProductAttention_0)'),
-      'text': r'text/Transformer/encoderblock_1/MlpBlock_0',
+  towers = {  # tower -> (adapt options, adapted blocks)
+      'vision': (dict(scope='vision/Transformer'), ('0', '1')),
+      'text': (dict(scope='text/Transformer', layers=[1]), ('1',)),
   }
-  for tower, pattern in towers.items():
-    adapted = api.adapt(model, 'houlsby', bottleneck=8, targets=[pattern])
+  for tower, (options, indices) in towers.items():
+    adapted = api.adapt(model, 'houlsby', bottleneck=8, **options)
     full = api.init_with_pretrained(adapted, params, jax.random.key(1), images[:1],
                                     tokens[:1])
-    adapter_keys = [k for k in flatten(full) if '/adapter/' in k]
-    assert adapter_keys and all(k.startswith(f'{tower}/Transformer/') for k in adapter_keys)
-    if tower == 'text':
-      assert all('encoderblock_1/MlpBlock_0/adapter' in k for k in adapter_keys)
+    blocks = {k.split('/adapter/')[0] for k in flatten(full) if '/adapter/' in k}
+    assert blocks == {f'{tower}/Transformer/encoderblock_{i}/{m}' for i in indices
+                      for m in ('MlpBlock_0', 'MultiHeadDotProductAttention_0')}
     got = apply(adapted, {'params': full}, images, tokens)
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
@@ -174,7 +172,7 @@ def test_adapters_inject_into_each_tower_with_identity_at_init(tiny):
                            for k, x in flatten(full).items()})
     logits = apply(adapted, {'params': perturbed}, images, tokens)[0]
     assert np.max(np.abs(logits - want[0])) > 1e-2
-  # Every block of both towers, as the named placement does by default.
+  # Without a scope the placement covers both towers' encoders.
   both = api.adapt(model, 'houlsby', bottleneck=8, layers=[1])
   shapes = jax.eval_shape(both.init, jax.random.key(1), images[:1], tokens[:1])['params']
   blocks = {k.split('/adapter/')[0] for k in flatten(shapes) if '/adapter/' in k}

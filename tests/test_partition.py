@@ -34,6 +34,9 @@ def test_default_rules_labels(setup):
   assert labels['cls'] == 'frozen'
   no_head = flatten(partition.label_tree(params, partition.default_rules(train_head=False)))
   assert no_head['head/kernel'] == 'frozen'
+  renamed = {'Transformer': {'b': {'pre': {'up': {'kernel': 0}}}, 'preface': {'kernel': 0}}}
+  labels = flatten(partition.label_tree(renamed, partition.default_rules(adapter_names=['pre'])))
+  assert labels == {'Transformer/b/pre/up/kernel': 'adapter', 'Transformer/preface/kernel': 'frozen'}
 
 
 def test_first_matching_rule_wins(setup):

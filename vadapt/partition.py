@@ -36,11 +36,13 @@ def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
-def default_rules(train_head: bool = True) -> list[tuple[str, str]]:
-  """Adapters ('adapter' path segments) train, the classifier head trains unless told not to,
-  everything else is frozen."""
+def default_rules(train_head: bool = True, *,
+                  adapter_names: Sequence[str] = ('adapter',)) -> list[tuple[str, str]]:
+  """Adapters (path segments named like a Target's name, 'adapter' by default) train, the
+  classifier head trains unless train_head=False, everything else is frozen."""
+  names = '|'.join(re.escape(n) for n in adapter_names)
   return [
-      (r'(?:^|/)adapter/', 'adapter'),
+      (rf'(?:^|/)(?:{names})/', 'adapter'),
       (r'^head/', 'head' if train_head else FROZEN),
       (r'.*', FROZEN),
   ]

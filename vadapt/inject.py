@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 POSITIONS = ('output', 'parallel', 'input')
 
@@ -99,7 +100,7 @@ def _compact_call_in_bases(cls: type) -> bool:
 
 def _first_array(args, kwargs, path: str, position: str):
   leaves = list(args) or list(kwargs.values())
-  if not leaves or not isinstance(leaves[0], jax.Array):
+  if not leaves or not isinstance(leaves[0], (jax.Array, np.ndarray)):
     raise TypeError(f'A {position!r} adapter on {path!r} needs the module called with an array as '
                     f'its first argument; found {type(leaves[0]).__name__ if leaves else "none"}.')
   return leaves[0]

@@ -172,6 +172,15 @@ def test_tiny_parity_first_eos_pooling(tmp_path):
   assert errors({'text_embeds': text}, {'text_embeds': want['text_embeds']})['text_embeds'] > 1e-2
 
 
+def test_sharded_safetensors_dir(tiny, tmp_path):
+  hf, sd = tiny
+  hf.save_pretrained(tmp_path, max_shard_size='200KB')
+  assert (tmp_path / 'model.safetensors.index.json').exists()
+  model, params = clip_pretrained.load(tmp_path)
+  want = clip_pretrained.params_from_state_dict(sd, model)
+  jax.tree.map(np.testing.assert_array_equal, params, want)
+
+
 def test_shorter_text_than_context(tiny):
   hf, sd = tiny
   model = clip.CLIP(**clip_pretrained.config_from_checkpoint(sd, vision_heads=2, text_heads=4))

@@ -1,8 +1,9 @@
 """Loads CLIP checkpoints (Hugging Face or OpenAI naming) into ``vadapt.models.clip.CLIP``.
 
 Formats read:
-  * Hugging Face ``CLIPModel`` safetensors (``model.safetensors`` or a checkpoint directory holding
-    it, with its ``config.json`` if present), read with ``safetensors.numpy``: no torch needed.
+  * Hugging Face ``CLIPModel`` safetensors (``model.safetensors``, or a checkpoint directory holding
+    it or its shards, with its ``config.json`` if present), read with ``safetensors.numpy``: no
+    torch needed.
   * PyTorch files (``.pt``, ``.pth``, ``.bin``) with either naming, when torch is installed:
     plain state dicts through ``torch.load(weights_only=True)``, and OpenAI's released files, which
     are TorchScript archives, through ``torch.jit.load(...).state_dict()``.
@@ -10,6 +11,10 @@ Formats read:
 
 OpenAI names are first renamed to Hugging Face names (splitting the fused ``in_proj`` into q, k, v),
 then one converter maps Hugging Face names onto the Flax parameter layout.
+
+The activation cannot be read from tensor shapes either: it is QuickGELU unless ``config.json``
+says otherwise; open_clip models trained with exact GELU (e.g. LAION ViT-H/14) need
+``load(path, activation='gelu_exact')``.
 
 Attention heads cannot be read from tensor shapes. They come from the checkpoint directory's
 ``config.json`` when there is one, else from ``width // 64`` (OpenAI's rule for every released
@@ -58,14 +63,18 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     if os.path.exists(config_path):
       with open(config_path) as f:
         hf_config = json.load(f)
+    index = os.path.join(path, 'model.safetensors.index.json')
+    if os.path.exists(index):
+      return _read_sharded(path, index), hf_config
     for name in ('model.safetensors', 'pytorch_model.bin'):
       if os.path.exists(os.path.join(path, name)):
         path = os.path.join(path, name)
         break
     else:
       raise FileNotFoundError(
-          f'CLIP checkpoint directory {path!r} holds neither model.safetensors nor '
-          f'pytorch_model.bin; found {sorted(os.listdir(path))}.')
+          f'CLIP checkpoint directory {path!r} holds neither model.safetensors, a sharded '
+          f'model.safetensors.index.json nor pytorch_model.bin; found '
+          f'{sorted(os.listdir(path))}.')
   else:
     config_path = os.path.join(os.path.dirname(path), 'config.json')
     if path.endswith('.safetensors') and os.path.exists(config_path):
@@ -79,6 +88,16 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     with np.load(path) as data:
       return {k: data[k] for k in data.files}, hf_config
   return _read_torch(path), hf_config
+
+
+def _read_sharded(directory: str, index_path: str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+  with open(index_path) as f:
+    shards = sorted(set(json.load(f)['weight_map'].values()))
+  out: dict[str, np.ndarray] = {}
+  for shard in shards:
+    out.update(load_file(common.require_file(os.path.join(directory, shard), 'checkpoint shard')))
+  return out
 
 
 def _is_torchscript(path: str) -> bool:

@@ -596,11 +596,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     config = copy.deepcopy(config)
     with config.unlocked():
       config.backbone.checkpoint = os.path.join(os.path.abspath(workdir), config.pretrain.output)
-  exp = _setup(config)
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   step = checkpointer.latest_step()
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {checkpointer.directory}: train first.')
+  exp = _setup(config)
   opt_sh = _opt_state_shardings(exp)
   delta, _, _ = _restore_or_init(exp, checkpointer, opt_sh)
   result = _run_eval(exp, _jit_eval_step(exp), delta)
@@ -616,11 +616,11 @@ def export_adapter(config: ml_collections.ConfigDict, workdir: str,
 
   Needs no backbone weights: the delta's structure comes from tracing the model.
   """
-  exp = _setup(config, load_weights=False)
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   step = checkpointer.latest_step()
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {checkpointer.directory}: train first.')
+  exp = _setup(config, load_weights=False)
   like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       exp.delta, exp.delta_shardings)
   opt_like = jax.eval_shape(exp.tx.init, exp.delta)

@@ -101,6 +101,23 @@ def test_tip_adapter_formula_and_cache_recall(tiny):
   np.testing.assert_array_equal(np.argmax(got, axis=1), labels)
 
 
+def test_hyperparameter_search_finds_the_cache(tiny):
+  _, params, classifier, _, labels, features = tiny
+  scale = params['logit_scale']
+  cache = tip_adapter.build_cache(features, labels)
+  zero_shot = zeroshot.accuracy(zeroshot.zero_shot_logits(features, classifier, scale), labels)
+  alpha, beta, acc = tip_adapter.search_hyperparameters(
+      features, labels, classifier, scale, cache, alphas=(0.0, 1e2, 1e4), betas=(1.0, 100.0))
+  # The features are the cache's own keys, so a heavy, sharp cache recalls every label
+  # (see test_tip_adapter_formula_and_cache_recall), while zero-shot on random images does not.
+  assert zero_shot < 1.0
+  assert acc == 1.0 and alpha > 0.0
+  # Ties go to the smallest alpha: 1e4 also reaches 1.0 with beta = 100.
+  assert alpha == 1e2 or not np.array_equal(
+      np.argmax(tip_adapter.tip_adapter_logits(features, classifier, scale, cache, alpha=1e2,
+                                               beta=beta), axis=1), labels)
+
+
 def test_build_cache_sampling():
   rng = np.random.default_rng(0)
   features = rng.normal(size=(30, 8)).astype(np.float32)

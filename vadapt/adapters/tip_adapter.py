@@ -14,7 +14,7 @@ and CLIP frozen. alpha = 0 gives zero-shot logits exactly.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -94,6 +94,26 @@ def tip_adapter_logits(image_features: jax.Array, classifier: jax.Array, logit_s
   """Training-free Tip-Adapter logits (N, C) for features (N, E) and classifier (E, C)."""
   clip_logits = zeroshot.zero_shot_logits(image_features, classifier, logit_scale)
   return clip_logits + alpha * cache_logits(image_features, cache.keys, cache.values, beta)
+
+
+def search_hyperparameters(image_features: jax.Array, labels: np.ndarray, classifier: jax.Array,
+                           logit_scale: jax.Array, cache: Cache, *,
+                           alphas: Sequence[float] = tuple(np.linspace(0.0, 5.0, 11)),
+                           betas: Sequence[float] = tuple(np.linspace(0.5, 10.0, 20)),
+                           ) -> tuple[float, float, float]:
+  """Grid search of (alpha, beta) by accuracy on held-out features, as the paper does on a
+  validation split. Returns (best_alpha, best_beta, best_accuracy); ties go to the first pair
+  in grid order (smallest alpha, then smallest beta)."""
+  labels = np.asarray(labels)
+  clip_logits = zeroshot.zero_shot_logits(image_features, classifier, logit_scale)
+  best = (0.0, float(betas[0]), -1.0)
+  for beta in betas:
+    cached = cache_logits(image_features, cache.keys, cache.values, float(beta))
+    for alpha in alphas:
+      acc = float(np.mean(np.argmax(clip_logits + alpha * cached, axis=1) == labels))
+      if acc > best[2] or (acc == best[2] and (alpha, beta) < best[:2]):
+        best = (float(alpha), float(beta), acc)
+  return best
 
 
 class TipAdapterF(nn.Module):

@@ -178,3 +178,8 @@ def test_adapters_inject_into_each_tower_with_identity_at_init(tiny):
   blocks = {k.split('/adapter/')[0] for k in flatten(shapes) if '/adapter/' in k}
   assert blocks == {f'{t}/Transformer/encoderblock_1/{m}' for t in ('vision', 'text')
                     for m in ('MlpBlock_0', 'MultiHeadDotProductAttention_0')}
+  # One tower's encoder runs alone through call_method; the other tower's targets stay idle.
+  both_params = api.init_with_pretrained(both, params, jax.random.key(1), images[:1], tokens[:1])
+  text = both.apply({'params': both_params}, 'encode_text', tokens, method='call_method')
+  np.testing.assert_array_equal(
+      text, model.apply({'params': params}, tokens, method='encode_text'))

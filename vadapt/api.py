@@ -161,12 +161,20 @@ def init_with_pretrained(model: Adapted, backbone_params: Mapping[str, Any], rng
     variables[c] = unflatten(_cast_like(found, expected))
 
   # One forward pass with the backbone's variables in place: Flax creates only what is missing
-  # (the adapters), so no backbone initialiser runs and nothing is compiled.
+  # (the adapters), so no backbone initialiser runs. Jitted, and only the new leaves leave the
+  # computation: op-by-op execution of a whole forward pass costs seconds even for tiny models.
+  abstract = jax.eval_shape(functools.partial(model.init, **sample_kwargs), rng, *sample_args)
+  new_paths = {c: sorted(set(flatten(abstract[c])) - set(flatten(bare.get(c, {}))))
+               for c in abstract if c != 'intermediates'}
   rngs = rng if isinstance(rng, Mapping) else {'params': rng}
-  _, created = model.apply(variables, *sample_args, rngs=rngs, mutable=True, **sample_kwargs)
-  created = {c: v for c, v in created.items() if c != 'intermediates'}
+
+  def create(variables, rngs, sample_args):
+    _, created = model.apply(variables, *sample_args, rngs=rngs, mutable=True, **sample_kwargs)
+    return {c: {k: flatten(created[c])[k] for k in keys}
+            for c, keys in new_paths.items() if keys}
+
+  fresh = jax.jit(create)(variables, rngs, sample_args)
   out = dict(variables)
-  for c, tree in created.items():
-    flat, old = flatten(tree), flatten(variables.get(c, {}))
-    out[c] = unflatten({**flat, **old})
+  for c, flat in fresh.items():
+    out[c] = unflatten({**flatten(variables.get(c, {})), **flat})
   return out['params'] if backbone_state is None else out

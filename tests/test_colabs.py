@@ -7,10 +7,12 @@ the tests re-check their key results from the namespace they leave behind.
 """
 
 import json
+import os
 import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,3 +109,40 @@ def test_vit_adapters_notebook(tmp_path, monkeypatch):
   assert ns['num_devices'] == jax.device_count()
   assert ns['sharded_max_diff'] < 1e-4
   assert len(ns['sharded_delta']['head']['kernel'].sharding.device_set) == jax.device_count()
+
+
+def test_clip_notebook(tmp_path, monkeypatch):
+  ns = run_notebook('clip_zero_shot_and_adapters.ipynb', tmp_path, monkeypatch)
+  from vadapt import zeroshot
+  from vadapt.adapters import clip_adapter, tip_adapter
+  assert ns['TEST_MODE'] is True
+  # The model was built from the tiny checkpoint's shapes and config.json.
+  model = ns['model']
+  assert (model.image_size, model.patch_size, model.vision_heads, model.text_heads,
+          model.eos_token_id) == (32, 8, 2, 2, None)
+  assert sorted(os.listdir(tmp_path / 'tiny_clip')) == [
+      'config.json', 'merges.txt', 'model.safetensors', 'vocab.json']
+
+  num_classes, shots = ns['num_classes'], ns['SHOTS']
+  classifier = np.asarray(ns['classifier'])
+  assert classifier.shape == (model.embed_dim, num_classes)
+  np.testing.assert_allclose(np.linalg.norm(classifier, axis=0), 1.0, rtol=1e-5)
+  # Features of every test image once (eval padding dropped), and of every few-shot view.
+  assert ns['test_features'].shape == (360, model.embed_dim) and len(ns['test_labels']) == 360
+  assert len(ns['train_features']) == ns['AUGMENTED_VIEWS'] * num_classes * shots
+  np.testing.assert_array_equal(np.asarray(ns['cache'].values).sum(axis=0), shots)
+
+  # alpha = 0 and ratio = 0 are zero-shot CLIP, bit for bit (checked again outside the notebook).
+  features, scale = jnp.asarray(ns['test_features']), ns['logit_scale']
+  zero_shot = zeroshot.zero_shot_logits(features, ns['classifier'], scale)
+  np.testing.assert_array_equal(tip_adapter.tip_adapter_logits(
+      features, ns['classifier'], scale, ns['cache'], alpha=0.0, beta=ns['beta']), zero_shot)
+  np.testing.assert_array_equal(clip_adapter.CLIPAdapter(ratio=0.0).apply(
+      {'params': ns['adapter_params']}, features, ns['classifier'], scale), zero_shot)
+
+  results = ns['results']
+  best_zero_shot = max(v for k, v in results.items() if k.startswith('zero-shot'))
+  # The few-shot cache carries label information that random prompts do not.
+  assert results[f'Tip-Adapter, {shots} shots'] > best_zero_shot + 0.1, results
+  for losses in (ns['tip_f_losses'], ns['adapter_losses']):
+    assert len(losses) == ns['ADAPTER_STEPS'] and np.mean(losses[-5:]) < np.mean(losses[:5])

@@ -88,9 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.reduction_factor = config_dict.placeholder(float)
   c.adapter.layers = config_dict.placeholder(tuple)
   c.adapter.activation = 'relu'
-  c.adapter.scale = 1.0
+  # None: the method's default (1.0 / no LayerNorm; 0.1 / LayerNorm for the parallel methods).
+  c.adapter.scale = config_dict.placeholder(float)
   c.adapter.learnable_scale = False
-  c.adapter.layer_norm = False
+  c.adapter.layer_norm = config_dict.placeholder(bool)
   c.adapter.dropout = 0.0
   c.train_head = True
 

@@ -1,5 +1,6 @@
 """The command line: absl flags, config file with argument and overrides, modes."""
 
+import importlib
 import os
 import sys
 from unittest import mock
@@ -65,3 +66,27 @@ def test_unknown_config_argument_is_an_error(tmp_path):
 def test_eval_without_checkpoint_is_an_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     _run([f'--config={CONFIG}:test', f'--workdir={tmp_path}', '--mode=eval'])
+
+
+CONFIG_FILES = sorted(f for f in os.listdir(os.path.join(os.path.dirname(CONFIG)))
+                      if f.endswith('.py') and f != 'common.py')
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_every_config_loads_and_documents_its_launch_command(name):
+  module = importlib.import_module(f'configs.{name[:-3]}')
+  assert f'python -m vadapt.main --config=configs/{name}' in module.__doc__
+  full, test = module.get_config(), module.get_config('test')
+  assert full.total_steps > test.total_steps
+  assert test.backbone.variant == 'mu/4' and test.input.source == 'digits'
+  with pytest.raises(ValueError, match="Unknown config argument 'nope'"):
+    module.get_config('nope=1')
+
+
+def test_config_arguments_are_typed():
+  from configs import vit_b16_adapter
+  config = vit_b16_adapter.get_config('variant=Ti/16,method=pfeiffer,bottleneck=16,steps=7')
+  assert (config.backbone.variant, config.adapter.method) == ('Ti/16', 'pfeiffer')
+  assert (config.adapter.bottleneck, config.total_steps) == (16, 7)
+  with pytest.raises(ValueError, match=r'bottleneck=.*expected int'):
+    vit_b16_adapter.get_config('bottleneck=wide')

@@ -31,10 +31,12 @@ import optax
 from vadapt import api
 from vadapt import backbones
 from vadapt import checkpoint as ckpt_lib
-from vadapt import input_pipeline
 from vadapt import metrics as metrics_lib
 from vadapt import partition
 from vadapt import sharding as sharding_lib
+
+# vadapt.input_pipeline is imported where data is read: it loads TensorFlow (about 0.5 GiB), which
+# the step itself (and benchmarks/train_step.py, which measures its memory) does not need.
 
 ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv')
 METHODS = ADAPTER_METHODS + ('full', 'linear')
@@ -253,6 +255,7 @@ def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _
     devices = devices[:n]
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   _check_config(config, mesh)
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   info = input_pipeline.get_info(config.input)
   model, backbone = build_model(config, info.num_classes)
   images = jnp.zeros(backbones.sample_images(config.backbone).shape, jnp.float32)
@@ -323,6 +326,7 @@ def _preprocess(config: ml_collections.ConfigDict, split: str) -> str:
 
 
 def _eval_iterator(exp: _Experiment) -> Iterator[dict]:
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   c = exp.config
   return input_pipeline.make_eval_iterator(
       c.input, global_batch_size=c.eval_batch_size, image_size=c.backbone.image_size,
@@ -413,9 +417,11 @@ def pretrain_backbone(config: ml_collections.ConfigDict, workdir: str) -> str:
     c.total_steps = config.pretrain.total_steps
     c.optimizer.learning_rate = config.pretrain.learning_rate
     c.eval_at_start = False
-  metrics_lib.log(f'=== Stage 1: pre-training the backbone (full training, every parameter) on '
-                  f'classes {tuple(c.input.get("classes") or ())} of {c.input.name!r}, '
-                  f'{c.total_steps} steps ===')
+  metrics_lib.log(
+      f'=== Stage 1: pre-training the backbone (full training, every parameter) on classes '
+      f'{tuple(c.input.get("classes") or ())} of {c.input.name!r}, {c.total_steps} steps ===\n'
+      'Published pre-trained weights cannot be downloaded offline, so this run makes its own: a '
+      'backbone trained on a different (source) task, saved in the vit_jax .npz format.')
   result = train_and_evaluate(c, os.path.join(workdir, 'pretrain'), export=False)
   params = jax.device_get(partition.merge(result.delta, result.frozen))
   os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -483,10 +489,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     f'(chance {1.0 / exp.info.num_classes:.3f}) on {int(before["eval/examples"])} '
                     'held-out examples.')
 
-  train_iter = input_pipeline.make_train_iterator(
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  host_iter = input_pipeline.make_train_iterator(
       c.input, global_batch_size=c.batch_size, image_size=c.backbone.image_size,
       preprocess=_preprocess(c, 'train'), seed=c.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
+  # Each process holds its own rows; prefetch assembles global arrays a few steps ahead.
+  train_iter = input_pipeline.prefetch_to_device(
+      ({'image': b['image'], 'label': b['label']} for b in host_iter), c.prefetch, batch_sh)
   progress = metrics_lib.Progress(c.total_steps, c.batch_size, start_step)
   history: list[dict[str, float]] = []
   last_good = start_step
@@ -509,8 +519,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     for step in range(start_step + 1, c.total_steps + 1):
       batch = next(train_iter)
-      batch = sharding_lib.put_global_batch({'image': batch['image'], 'label': batch['label']},
-                                            batch_sh)
       delta, opt_state, m = train_step(delta, opt_state, exp.frozen, batch, step - 1)
       if pending is not None:
         check(*pending)

@@ -1,0 +1,194 @@
+r"""Train-step throughput and peak memory: full fine-tuning vs adapters vs linear probe.
+
+  python benchmarks/train_step.py                       # ViT-B/16, 224px, batch 8, f32
+  python benchmarks/train_step.py --variant=mu/4 --image_size=32 --steps=2   # a quick smoke run
+
+Each method runs in its own fresh process (peak RSS from resource.getrusage is per process), using
+the trainer's own pieces: vadapt.train.build_model / label_rules / make_optimizer /
+make_train_step, jitted with the frozen tree as a non-donated input and gradients over the delta
+only. Images are random (the input pipeline is not measured). Results print as a markdown table
+with ratios against full fine-tuning; --out also writes them with a machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+METHODS = ('full', 'houlsby', 'pfeiffer', 'linear')
+
+
+def _worker(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  assert 'tensorflow' not in sys.modules
+
+  from vadapt import api, partition, train  # pylint: disable=g-import-not-at-top
+
+  # The config is built here rather than from configs/common.py, whose input pipeline pulls in
+  # TensorFlow: its ~0.5 GiB would count in every method's peak RSS.
+  config = ml_collections.ConfigDict({
+      'backbone': {'model': 'vit', 'variant': args.variant, 'image_size': args.image_size,
+                   'dtype': 'float32', 'dropout_rate': 0.0, 'overrides': {}},
+      'adapter': {'method': args.method, 'bottleneck': args.bottleneck,
+                  'reduction_factor': None, 'layers': None, 'activation': 'relu', 'scale': None,
+                  'learnable_scale': False, 'layer_norm': None, 'dropout': 0.0},
+      'train_head': True,
+      'optimizer': {'name': 'adamw', 'learning_rate': 1e-3, 'weight_decay': 1e-4, 'b1': 0.9,
+                    'b2': 0.999, 'momentum': 0.9},
+      'schedule': {'warmup_steps': 10, 'decay': 'cosine', 'end_factor': 0.0},
+      'grad_clip_norm': 1.0,
+      'total_steps': 1000,
+  })
+  num_classes = 100
+
+  model, backbone = train.build_model(config, num_classes)
+  images = jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32)
+  rng = jax.random.PRNGKey(0)
+  params = jax.jit(lambda r: backbone.init(r, images, train=False)['params'])(rng)
+  if model is not backbone:
+    params = api.init_with_pretrained(model, params, rng, images)
+  labels = partition.label_tree(params, train.label_rules(config))
+  delta, frozen = partition.split(params, labels)
+  del params
+  delta_labels, _ = partition.split(labels, labels)
+  schedule = train.make_schedule(config)
+  tx = train.make_optimizer(config, delta_labels, schedule)
+  opt_state = jax.jit(tx.init)(delta)
+  step_fn = jax.jit(train.make_train_step(model, tx, schedule, num_classes=num_classes,
+                                          label_smoothing=0.0, seed=0),
+                    donate_argnums=(0, 1))
+  data_rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(data_rng.normal(size=(args.batch_size, args.image_size,
+                                                      args.image_size, 3)), jnp.float32),
+           'label': jnp.asarray(data_rng.integers(0, num_classes, args.batch_size), jnp.int32)}
+
+  rss_before_step = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  start = time.perf_counter()
+  compiled = step_fn.lower(delta, opt_state, frozen, batch, 0).compile()
+  compile_s = time.perf_counter() - start
+  # XLA's own plan for one step: buffers live during the step (activations, grads, updates)
+  # plus the arguments it reads (frozen backbone, delta, optimizer state).
+  mem = compiled.memory_analysis()
+  step_mib = None
+  if mem is not None:
+    step_mib = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes) / 2 ** 20
+  delta, opt_state, m = compiled(delta, opt_state, frozen, batch, 0)
+  jax.block_until_ready(m)
+  times = []
+  for step in range(1, args.steps + 1):
+    start = time.perf_counter()
+    delta, opt_state, m = compiled(delta, opt_state, frozen, batch, step)
+    jax.block_until_ready((delta, m))
+    times.append(time.perf_counter() - start)
+  sec = float(np.median(times))
+  counts = partition.count(jax.eval_shape(lambda: partition.merge(delta, frozen)),
+                           partition.label_tree(partition.merge(delta, frozen),
+                                                train.label_rules(config)))
+  total = sum(counts.values())
+  return {
+      'method': args.method,
+      'trainable': total - counts.get('frozen', 0),
+      'total': total,
+      'sec_per_step': sec,
+      'img_per_sec': args.batch_size / sec,
+      'compile_s': compile_s,
+      'xla_step_mib': step_mib,
+      'rss_before_step_mib': rss_before_step,
+      'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+      'loss': float(m['loss']),
+      'tensorflow_loaded': 'tensorflow' in sys.modules,
+  }
+
+
+def _machine() -> str:
+  cpu = 'unknown CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  try:
+    mem_gib = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30
+  except (ValueError, OSError):
+    mem_gib = float('nan')
+  import jax  # pylint: disable=g-import-not-at-top
+  return (f'{cpu}; {os.cpu_count()} cores visible; {mem_gib:.1f} GiB RAM; '
+          f'jax {jax.__version__} ({jax.default_backend()}); Python {platform.python_version()}')
+
+
+def _table(results: list[dict], args) -> str:
+  base = next((r for r in results if r['method'] == 'full'), results[0])
+  header = (f'ViT-{args.variant} at {args.image_size}px, batch {args.batch_size}, f32, median of '
+            f'{args.steps} steps after one compile step; bottleneck {args.bottleneck}.\n\n')
+  lines = ['| method | trainable params | img/s | vs full | peak RSS (MiB) | vs full | '
+           'XLA step memory (MiB) | vs full | compile (s) |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  ratio = lambda a, b: f'{a / b:.2f}x' if a and b else 'n/a'
+  for r in results:
+    xla = f'{r["xla_step_mib"]:.0f}' if r['xla_step_mib'] else 'n/a'
+    lines.append(
+        f'| {r["method"]} | {r["trainable"]:,} ({100 * r["trainable"] / r["total"]:.2f}%) | '
+        f'{r["img_per_sec"]:.2f} | {ratio(r["img_per_sec"], base["img_per_sec"])} | '
+        f'{r["peak_rss_mib"]:.0f} | {ratio(r["peak_rss_mib"], base["peak_rss_mib"])} | '
+        f'{xla} | {ratio(r["xla_step_mib"], base["xla_step_mib"])} | {r["compile_s"]:.1f} |')
+  lines.append('')
+  lines.append('Peak RSS is the whole process (Python + JAX + compiler + params + step); XLA step '
+               "memory is the compiled step's arguments + temporaries + outputs (donated buffers "
+               'counted once).')
+  return header + '\n'.join(lines) + '\n'
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--variant', default='B/16')
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--bottleneck', type=int, default=64)
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--out', default=None, help='Also write the table (markdown) here.')
+  parser.add_argument('--method', default=None, help=argparse.SUPPRESS)  # Worker mode.
+  args = parser.parse_args()
+
+  if args.method:
+    print('RESULT ' + json.dumps(_worker(args)), flush=True)
+    return
+
+  results = []
+  for method in args.methods.split(','):
+    cmd = [sys.executable, os.path.abspath(__file__), f'--method={method}',
+           f'--variant={args.variant}', f'--image_size={args.image_size}',
+           f'--batch_size={args.batch_size}', f'--bottleneck={args.bottleneck}',
+           f'--steps={args.steps}']
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+    if proc.returncode or not lines:
+      sys.exit(f'{method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}')
+    results.append(json.loads(lines[-1][len('RESULT '):]))
+    print(f'{method}: {results[-1]["img_per_sec"]:.2f} img/s, '
+          f'peak RSS {results[-1]["peak_rss_mib"]:.0f} MiB', file=sys.stderr, flush=True)
+
+  table = _table(results, args)
+  machine = _machine()
+  print(table)
+  print(f'Machine: {machine}')
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+      f.write(f'# Train step: full fine-tuning vs adapters vs linear probe\n\n'
+              f'Command: `python benchmarks/train_step.py --out={args.out}`\n\n'
+              f'Machine: {machine}\n\n{table}')
+
+
+if __name__ == '__main__':
+  main()

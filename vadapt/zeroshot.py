@@ -7,6 +7,8 @@ prompt ensembling). Logits are ``exp(logit_scale) * normalize(image_features) @ 
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
@@ -75,17 +77,24 @@ def _batched(fn: Callable[[jax.Array], jax.Array], inputs: np.ndarray,
   return np.concatenate(outputs)
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'method'))
+def _encode(model: clip_model.CLIP, params: Params, inputs: jax.Array, method: str) -> jax.Array:
+  # Params are an argument, not a closure constant: one compilation per (model, method, shape),
+  # reused across calls and batches, and no weights baked into the executable.
+  return model.apply({'params': params}, inputs, method=method)
+
+
 def encode_images(model: clip_model.CLIP, params: Params, images: np.ndarray, *,
                   batch_size: int = 64) -> np.ndarray:
   """Images (N, H, W, C) -> unnormalised image embeddings (N, E)."""
-  fn = jax.jit(lambda x: model.apply({'params': params}, x, method='encode_image'))
+  fn = lambda x: _encode(model, params, x, 'encode_image')
   return _batched(fn, images, batch_size)
 
 
 def encode_texts(model: clip_model.CLIP, params: Params, token_ids: np.ndarray, *,
                  batch_size: int = 256) -> np.ndarray:
   """Token ids (N, L) -> unnormalised text embeddings (N, E)."""
-  fn = jax.jit(lambda x: model.apply({'params': params}, x, method='encode_text'))
+  fn = lambda x: _encode(model, params, x, 'encode_text')
   return _batched(fn, token_ids, batch_size)
 
 

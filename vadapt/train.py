@@ -34,6 +34,7 @@ from vadapt import checkpoint as ckpt_lib
 from vadapt import metrics as metrics_lib
 from vadapt import partition
 from vadapt import sharding as sharding_lib
+from vadapt.pretrained import common as pretrained_common
 
 # vadapt.input_pipeline is imported where data is read: it loads TensorFlow (about 0.5 GiB), which
 # the step itself (and benchmarks/train_step.py, which measures its memory) does not need.
@@ -244,6 +245,8 @@ def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
   sharding_lib.batch_size_per_shard(mesh, config.eval_batch_size, 'eval_batch_size')
   if config.total_steps < 1:
     raise ValueError(f'total_steps must be >= 1; found {config.total_steps}.')
+  if config.backbone.checkpoint:  # Before any data is read.
+    pretrained_common.require_file(config.backbone.checkpoint, 'backbone.checkpoint')
 
 
 def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _Experiment:

@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone.image_size = 224
   c.backbone.dtype = 'float32'  # Compute dtype; 'bfloat16' on TPU/GPU.
   c.backbone.dropout_rate = 0.0
+  c.backbone.remat = False  # Recompute block activations in the backward pass (less memory).
   # Zero the loaded head even when its class count matches (the new task's labels differ).
   c.backbone.reset_head = False
   # Extra VisionTransformer fields (e.g. hidden_size for a custom width); keys fixed per config.

@@ -30,7 +30,8 @@ def make_model(cfg: ml_collections.ConfigDict, num_classes: Optional[int]) -> nn
     raise ValueError(f'Unknown backbone model {cfg.model!r}; known: {MODELS}.')
   overrides = dict(cfg.overrides.to_dict()) if cfg.get('overrides') else {}
   return vit.from_variant(cfg.variant, num_classes=num_classes, dtype=compute_dtype(cfg.dtype),
-                          dropout_rate=cfg.get('dropout_rate', 0.0), **overrides)
+                          dropout_rate=cfg.get('dropout_rate', 0.0),
+                          remat=cfg.get('remat', False), **overrides)
 
 
 def sample_images(cfg: ml_collections.ConfigDict, batch: int = 1) -> jax.ShapeDtypeStruct:

@@ -74,7 +74,8 @@ def test_one_and_eight_devices_and_fsdp_train_the_same(tmp_path):
   }
   results = {k: train.train_and_evaluate(c, str(tmp_path / k)) for k, c in runs.items()}
   assert results['one'].frozen['embedding']['kernel'].sharding.mesh.size == 1
-  kernel = results['fsdp'].frozen['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['kernel']
+  block = results['fsdp'].frozen['Transformer']['encoderblock_0']
+  kernel = block['MlpBlock_0']['Dense_0']['kernel']
   assert kernel.sharding.spec == P(None, 'fsdp')  # (32, 64): the wider dim is split.
   reference = _losses(str(tmp_path / 'one'))
   assert len(reference) == 2

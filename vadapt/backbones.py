@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,7 +53,6 @@ def load_params(cfg: ml_collections.ConfigDict, model: nn.Module, *,
     if cfg.get('reset_head') and 'head' in params:
       params = {**params, 'head': jax.tree.map(np.zeros_like, params['head'])}
     return params
-  logging.warning('backbone.checkpoint is empty: the backbone is randomly initialised.')
   rng = jax.random.PRNGKey(0) if rng is None else rng
   images = jnp.zeros(sample_images(cfg).shape, jnp.float32)
   params = jax.jit(lambda r: model.init(r, images, train=False)['params'])(rng)

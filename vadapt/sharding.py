@@ -63,7 +63,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 2 ** 14) -> P:
-  """Splits the largest dim divisible by fsdp_size over 'fsdp'; small or indivisible leaves stay whole."""
+  """Splits the largest dim divisible by fsdp_size over 'fsdp'.
+
+  Leaves under min_size elements, or with no divisible dim, stay whole (replicated).
+  """
   if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
   for dim in np.argsort(shape)[::-1]:

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
@@ -264,6 +263,9 @@ def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _
   images = jnp.zeros(backbones.sample_images(config.backbone).shape, jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
 
+  if not config.backbone.checkpoint and config.adapter.method != 'full':
+    logging.warning('backbone.checkpoint is empty: adapting a randomly initialised backbone '
+                    '(fine for tests; set it to a pre-trained .npz or .safetensors for real use).')
   if load_weights:
     backbone_params = backbones.load_params(config.backbone, backbone,
                                             rng=jax.random.fold_in(rng, 1))
@@ -285,7 +287,8 @@ def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _
   shardings = functools.partial(sharding_lib.tree_shardings, mesh=mesh,
                                 rule=config.param_sharding,
                                 min_size=config.mesh.get('fsdp_min_size', 2 ** 14))
-  delta_sh, frozen_sh, bb_sh = shardings(delta_abs), shardings(frozen_abs), shardings(backbone_params)
+  delta_sh, frozen_sh = shardings(delta_abs), shardings(frozen_abs)
+  bb_sh = shardings(backbone_params)
 
   if load_weights:
     # big_vision-style: shapes first, then one jitted init that lands every leaf where it belongs.

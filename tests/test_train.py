@@ -208,3 +208,23 @@ def test_labels_cover_delta_exactly():
   assert set(pretrained_common.flatten(delta)) == {
       k for k in pretrained_common.flatten(shapes) if '/adapter/' in k or k.startswith('head/')}
   assert jax.tree.leaves(frozen)
+
+
+@pytest.mark.slow
+def test_vit_b16_recipe_one_step_from_a_vit_jax_checkpoint(tmp_path):
+  """The real recipe (ViT-B/16 at 224 from an .npz, tfds) for one step on mock tfds data."""
+  import tensorflow_datasets as tfds
+  config = get_config(arg='dataset=cifar100', batch_size=8, eval_batch_size=8, total_steps=1,
+                      eval_at_start=False)
+  npz = str(tmp_path / 'ViT-B_16.npz')
+  vit_loader.save_vit_jax_npz(backbones.load_params(
+      config.backbone, backbones.make_model(config.backbone, 1000)), npz)
+  config.backbone.checkpoint = npz
+  with tfds.testing.mock_data(num_examples=8):
+    result = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert result.step == 1 and np.isfinite(result.metrics['train/loss'])
+  assert sum(np.asarray(x).size for x in jax.tree.leaves(result.delta)) == 2_456_164
+  # The 86M-parameter backbone is not in the workdir: far less than its 330 MiB is written.
+  workdir_bytes = sum(os.path.getsize(os.path.join(r, f))
+                      for r, _, fs in os.walk(tmp_path / 'work') for f in fs)
+  assert workdir_bytes < 100 * 2 ** 20

@@ -8,6 +8,16 @@ The params are split once into a trainable `delta` (adapters, head; every leaf f
 method='full') and a `frozen` backbone by the label rules. The jitted step differentiates the
 loss with respect to the delta only, updates it with a per-label optimizer, and donates the delta
 and optimizer state; the frozen tree is an input that is never written (nor checkpointed).
+
+Multi-host: set config.distributed.initialize=True (plus coordinator_address, num_processes and
+process_id where JAX cannot detect the cluster) and start the same command on every host. Each
+process reads its own rows of every batch; checkpoints go to one shared workdir.
+
+Putting an exported adapter back onto a backbone for inference::
+
+  model, backbone = build_model(config, num_classes)
+  params = checkpoint.load_adapter('adapter.safetensors', model, backbone_params)
+  logits = model.apply({'params': params}, images, train=False)
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -430,8 +441,11 @@ def pretrain_backbone(config: ml_collections.ConfigDict, workdir: str) -> str:
       'backbone trained on a different (source) task, saved in the vit_jax .npz format.')
   result = train_and_evaluate(c, os.path.join(workdir, 'pretrain'), export=False)
   params = jax.device_get(partition.merge(result.delta, result.frozen))
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  vit_loader.save_vit_jax_npz(params, out)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    vit_loader.save_vit_jax_npz(params, out)
+  if jax.process_count() > 1:  # Every process loads the file next.
+    multihost_utils.sync_global_devices('vadapt_pretrained_backbone_written')
   metrics_lib.log(f'Stage 1 done: source-task eval accuracy '
                   f'{result.metrics.get("eval/accuracy", float("nan")):.3f}; saved the backbone '
                   f'as a vit_jax-format checkpoint: {out} ({_human_bytes(os.path.getsize(out))}).')

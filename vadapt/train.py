@@ -603,10 +603,11 @@ def _log_summary(exp: _Experiment, m: dict, ckpt_dir: str, step: int,
   frozen_bytes = _tree_bytes(exp.frozen)
   if frozen_bytes:
     ckpt = exp.config.backbone.checkpoint
-    source = (f'; its checkpoint {ckpt} is {_human_bytes(os.path.getsize(ckpt))}'
-              if ckpt and os.path.isfile(ckpt) else '')
+    source = (f' it stays in {ckpt} ({_human_bytes(os.path.getsize(ckpt))})'
+              if ckpt and os.path.isfile(ckpt) else ' it is rebuilt from the config')
     lines.append(f'delta on disk: {_human_bytes(delta_disk)} (step {step}); the frozen backbone '
-                 f'({_human_bytes(frozen_bytes)}) is never written{source}')
+                 f'({_human_bytes(frozen_bytes)} of params) is not copied into the workdir:'
+                 f'{source}')
   else:
     lines.append(f'delta on disk: {_human_bytes(delta_disk)} (step {step}; every parameter trains)')
   lines.append(f'checkpoints: {ckpt_dir}')

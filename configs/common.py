@@ -171,3 +171,35 @@ def apply_test_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.schedule.warmup_steps = 1
   c.prefetch = 1
   return c
+
+
+def add_clip_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """CLIP fields on top of base_config: the backbone family, prompts, loss, CLIP-/Tip-Adapter."""
+  c.mode = 'train'  # Also 'zeroshot' | 'tip_adapter' (no training).
+  c.backbone.model = 'clip'
+  c.backbone.variant = 'ViT-B/16'  # A vadapt.models.clip config name.
+  # Hugging Face CLIP safetensors (file or directory) or an OpenAI .pt; '' = random init (tests).
+  c.backbone.checkpoint = ''
+  c.preprocess = 'clip'
+  # Regex for the encoders whose blocks get adapters: 'vision/Transformer', 'text/Transformer',
+  # or None for both towers. Adapters in the text tower make the classifier recomputed each step.
+  c.adapter.scope = config_dict.placeholder(str)
+  c.train_head = False  # CLIP has no head; its classifier is the frozen text-embedding matrix.
+  c.loss = 'ce'  # 'ce' over the text-embedding classifier | 'contrastive' (FLYP's InfoNCE).
+  c.clip = ml_collections.ConfigDict()
+  c.clip.templates = ('a photo of a {}.',)  # e.g. vadapt.zeroshot.SIMPLE_IMAGENET_TEMPLATES.
+  c.clip.ratio = 0.2  # CLIP-Adapter residual ratio alpha (adapter.method='clip_adapter').
+  c.clip.reduction = 4  # CLIP-Adapter bottleneck reduction.
+  c.clip.tip_alpha = 1.0  # Tip-Adapter cache weight and sharpness (--mode=tip_adapter) ...
+  c.clip.tip_beta = 1.0
+  c.clip.tip_search_split = ''  # ... or searched on this split of the source when set.
+  return c
+
+
+def apply_clip_test_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """apply_test_settings for CLIP: the tiny random CLIP at 32x32 on offline digits."""
+  apply_test_settings(c)
+  c.backbone.variant = 'tiny'
+  c.clip.templates = ('a photo of a {}.', 'a digit {}.')
+  c.clip.tip_search_split = 'train[:200]'
+  return c

@@ -1,8 +1,17 @@
-"""Builds the backbone module and its pre-trained parameters from `config.backbone`."""
+"""Builds the backbone module and its pre-trained parameters from `config.backbone`.
+
+Model families (`backbone.model`):
+  'vit'   vadapt.models.vit with a `num_classes` head; checkpoint: vit_jax / big_vision .npz or
+          Hugging Face .safetensors.
+  'clip'  vadapt.models.clip_classifier.CLIPClassifier: CLIP (`backbone.variant` a CLIP config
+          name such as 'ViT-B/16' or 'tiny') whose classifier is the zero-shot text-embedding
+          matrix of the dataset's class names x prompt templates; checkpoint: Hugging Face
+          safetensors (file or directory) or an OpenAI .pt file.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -14,7 +23,7 @@ from vadapt.models import vit
 from vadapt.pretrained import common as pretrained_common
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-MODELS = ('vit',)
+MODELS = ('vit', 'clip')
 
 
 def compute_dtype(name: str):
@@ -23,14 +32,47 @@ def compute_dtype(name: str):
   return _DTYPES[name]
 
 
-def make_model(cfg: ml_collections.ConfigDict, num_classes: Optional[int]) -> nn.Module:
-  """The plain backbone (no adapters) with a `num_classes` head."""
+def make_model(cfg: ml_collections.ConfigDict, num_classes: Optional[int], *,
+               class_names: Optional[Sequence[str]] = None,
+               templates: Sequence[str] = ('a photo of a {}.',), recompute_text: bool = False,
+               clip_adapter_ratio: Optional[float] = None,
+               clip_adapter_reduction: int = 4) -> nn.Module:
+  """The plain backbone (no adapters) with a `num_classes` head.
+
+  For model='clip' the "head" is the zero-shot classifier built from `class_names` x `templates`;
+  `recompute_text` recomputes it from the text tower in every call (adapters in the text tower),
+  and `clip_adapter_ratio` adds a CLIP-Adapter on the image features.
+  """
   if cfg.model not in MODELS:
     raise ValueError(f'Unknown backbone model {cfg.model!r}; known: {MODELS}.')
+  if cfg.model == 'clip':
+    return _make_clip(cfg, num_classes, class_names, templates, recompute_text,
+                      clip_adapter_ratio, clip_adapter_reduction)
   overrides = dict(cfg.overrides.to_dict()) if cfg.get('overrides') else {}
   return vit.from_variant(cfg.variant, num_classes=num_classes, dtype=compute_dtype(cfg.dtype),
                           dropout_rate=cfg.get('dropout_rate', 0.0),
                           remat=cfg.get('remat', False), **overrides)
+
+
+def _make_clip(cfg, num_classes, class_names, templates, recompute_text, ratio, reduction):
+  from vadapt import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from vadapt.models import clip  # pylint: disable=g-import-not-at-top
+  from vadapt.models import clip_classifier  # pylint: disable=g-import-not-at-top
+  if class_names is None:
+    raise ValueError("backbone.model='clip' needs the dataset's class names to build its "
+                     'zero-shot classifier; found none.')
+  if num_classes is not None and len(class_names) != num_classes:
+    raise ValueError(f'{num_classes} classes but {len(class_names)} class names.')
+  overrides = dict(cfg.overrides.to_dict()) if cfg.get('overrides') else {}
+  if cfg.variant in clip.CONFIGS and cfg.image_size != clip.CONFIGS[cfg.variant]['image_size']:
+    overrides.setdefault('image_size', cfg.image_size)
+  model = clip.from_config(cfg.variant, dtype=compute_dtype(cfg.dtype),
+                           remat=cfg.get('remat', False), **overrides)
+  tokens = clip_classifier.prompt_tokens(tokenizer_lib.default_tokenizer(), class_names,
+                                         templates)
+  return clip_classifier.CLIPClassifier(
+      clip=model, class_tokens=tokens, recompute_text=recompute_text,
+      clip_adapter_ratio=ratio, clip_adapter_reduction=reduction)
 
 
 def sample_images(cfg: ml_collections.ConfigDict, batch: int = 1) -> jax.ShapeDtypeStruct:
@@ -44,6 +86,15 @@ def load_params(cfg: ml_collections.ConfigDict, model: nn.Module, *,
   The head is whatever the loader returns for `model` (replaced and zero-initialised when the
   checkpoint's class count differs).
   """
+  if cfg.checkpoint and cfg.model == 'clip':
+    pretrained_common.require_file(cfg.checkpoint, 'backbone.checkpoint')
+    from vadapt.pretrained import clip as clip_loader  # pylint: disable=g-import-not-at-top
+    _, clip_params = clip_loader.load(cfg.checkpoint, model.clip)
+    # Adds the frozen 'classifier' (computed from the loaded text tower) where the model holds one.
+    images = jnp.zeros(sample_images(cfg).shape, jnp.float32)
+    _, variables = jax.jit(lambda p: model.apply({'params': p}, images, mutable=['params']))(
+        clip_params)
+    return jax.tree.map(np.asarray, dict(variables['params']))
   if cfg.checkpoint:
     pretrained_common.require_file(cfg.checkpoint, 'backbone.checkpoint')
     from vadapt.pretrained import vit as vit_loader  # pylint: disable=g-import-not-at-top

@@ -4,6 +4,8 @@ r"""Command line: parses flags and calls vadapt.train; nothing else lives here.
       --config.backbone.checkpoint=ViT-B_16.npz --config.adapter.bottleneck=32
   python -m vadapt.main --config=configs/vit_b16_adapter.py --workdir=workdir/pets --mode=eval
   python -m vadapt.main --config=... --workdir=workdir/pets --mode=export --out=adapter.safetensors
+  python -m vadapt.main --config=configs/clip_adapter_fewshot.py --workdir=w --mode=zeroshot
+  python -m vadapt.main --config=configs/clip_adapter_fewshot.py --workdir=w --mode=tip_adapter
 """
 
 from absl import app
@@ -17,7 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally with an argument: file.py:arg.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and exports go here.')
-_MODE = flags.DEFINE_enum('mode', None, ['train', 'eval', 'export'],
+_MODE = flags.DEFINE_enum('mode', None, ['train', 'eval', 'export', 'zeroshot', 'tip_adapter'],
                           'What to do; defaults to config.mode (train).')
 _OUT = flags.DEFINE_string('out', None, 'export: the .safetensors file to write '
                            '(default WORKDIR/adapter.safetensors).')
@@ -38,8 +40,13 @@ def main(argv):
     train.evaluate(config, _WORKDIR.value)
   elif mode == 'export':
     train.export_adapter(config, _WORKDIR.value, _OUT.value)
+  elif mode == 'zeroshot':
+    train.zero_shot(config, _WORKDIR.value)
+  elif mode == 'tip_adapter':
+    train.tip_adapter(config, _WORKDIR.value)
   else:
-    raise app.UsageError(f"Unknown mode {mode!r}; expected 'train', 'eval' or 'export'.")
+    raise app.UsageError(f"Unknown mode {mode!r}; expected 'train', 'eval', 'export', "
+                         "'zeroshot' or 'tip_adapter'.")
 
 
 if __name__ == '__main__':

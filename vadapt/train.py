@@ -3,6 +3,18 @@
   result = train_and_evaluate(config, workdir)   # resumes from workdir/checkpoints when present
   metrics = evaluate(config, workdir)
   path = export_adapter(config, workdir, out_path)
+  metrics = zero_shot(config, workdir)             # CLIP: zero-shot top-1, no training
+  metrics = tip_adapter(config, workdir)           # CLIP: training-free Tip-Adapter
+
+CLIP (backbone.model='clip') trains through the same step. The classifier is the zero-shot
+text-embedding matrix of the class names x config.clip.templates (vadapt.models.clip_classifier).
+With adapter.scope reaching the text tower ('text/Transformer', or None for both towers) it is
+recomputed from the adapted text tower inside every step; otherwise it is computed once and held
+as a frozen param. config.loss selects cross-entropy over those class logits ('ce') or FLYP's
+symmetric image-text InfoNCE ('contrastive': each image against the prompt ensemble of its own
+class, scaled by CLIP's logit_scale). adapter.method='clip_adapter' trains a CLIP-Adapter on the
+frozen image features instead. Every CLIP leaf (both towers, logit_scale, the classifier) is
+frozen by the label rules.
 
 The params are split once into a trainable `delta` (adapters, head; every leaf for
 method='full') and a `frozen` backbone by the label rules. The jitted step differentiates the
@@ -27,6 +39,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
@@ -41,6 +54,7 @@ import optax
 from vadapt import api
 from vadapt import backbones
 from vadapt import checkpoint as ckpt_lib
+from vadapt import inject
 from vadapt import metrics as metrics_lib
 from vadapt import partition
 from vadapt import sharding as sharding_lib
@@ -50,7 +64,8 @@ from vadapt.pretrained import common as pretrained_common
 # the step itself (and benchmarks/train_step.py, which measures its memory) does not need.
 
 ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv')
-METHODS = ADAPTER_METHODS + ('full', 'linear')
+METHODS = ADAPTER_METHODS + ('full', 'linear', 'clip_adapter')
+LOSSES = ('ce', 'contrastive')
 _ADAPTER_FIELDS = ('bottleneck', 'reduction_factor', 'layers', 'activation', 'scale',
                    'learnable_scale', 'layer_norm', 'dropout')
 
@@ -93,13 +108,51 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for name in _ADAPTER_FIELDS:
       value = config.adapter.get(name)
       spec[name] = list(value) if isinstance(value, tuple) else value
+    if config.adapter.get('scope'):
+      spec['scope'] = config.adapter.scope
+  if method == 'clip_adapter':
+    if config.backbone.model != 'clip':
+      raise ValueError(f"adapter.method='clip_adapter' needs backbone.model='clip'; found "
+                       f'{config.backbone.model!r}.')
+    spec['ratio'] = config.clip.ratio
+    spec['reduction'] = config.clip.reduction
   return spec
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn.Module, nn.Module]:
-  """Returns (model to train, plain backbone); the same module for 'full' and 'linear'."""
-  backbone = backbones.make_model(config.backbone, num_classes)
+def _loss_name(config: ml_collections.ConfigDict) -> str:
+  loss = config.get('loss', 'ce')
+  if loss not in LOSSES:
+    raise ValueError(f'Unknown loss {loss!r}; expected one of {LOSSES}.')
+  if loss == 'contrastive' and config.backbone.model != 'clip':
+    raise ValueError(f"loss='contrastive' needs backbone.model='clip' (image-text pairs); found "
+                     f'{config.backbone.model!r}.')
+  return loss
+
+
+def _adapts_text_tower(spec: dict[str, Any]) -> bool:
+  """Whether the adapters reach CLIP's text tower (then the classifier is recomputed)."""
+  if spec['method'] not in ADAPTER_METHODS:
+    return False
+  from vadapt import placements  # pylint: disable=g-import-not-at-top
+  return re.fullmatch(spec.get('scope') or placements.DEFAULT_SCOPE, 'text/Transformer') is not None
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                class_names: Optional[tuple[str, ...]] = None) -> tuple[nn.Module, nn.Module]:
+  """Returns (model to train, plain backbone); the same module for 'full' and 'linear'.
+
+  CLIP backbones need the dataset's `class_names` (their classifier is built from them).
+  """
   spec = adapter_spec(config)
+  kwargs = {}
+  if config.backbone.model == 'clip':
+    kwargs = dict(class_names=class_names, templates=tuple(config.clip.templates),
+                  recompute_text=_adapts_text_tower(spec))
+  backbone = backbones.make_model(config.backbone, num_classes, **kwargs)
+  if spec['method'] == 'clip_adapter':
+    model = backbones.make_model(config.backbone, num_classes, clip_adapter_ratio=spec['ratio'],
+                                 clip_adapter_reduction=spec['reduction'], **kwargs)
+    return model, backbone
   if spec['method'] not in ADAPTER_METHODS:
     return backbone, backbone
   kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != 'method'}
@@ -158,22 +211,41 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 # Steps.
 
 
+def apply_method(model: nn.Module, params: Any, method: str, *args, **kwargs):
+  """model.<method>(*args, **kwargs) with `params`, through the adapters of an Adapted model."""
+  if isinstance(model, inject.Adapted):
+    return model.apply({'params': params}, method, *args, method='call_method', **kwargs)
+  return model.apply({'params': params}, *args, method=method, **kwargs)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int, label_smoothing: float,
-                    seed: int, nan_at_step: int = -1) -> Callable:
+                    seed: int, nan_at_step: int = -1, loss: str = 'ce') -> Callable:
   """step(delta, opt_state, frozen, batch, step) -> (delta, opt_state, metrics).
 
   `step` counts completed steps; dropout keys are fold_in(seed, step), so a resumed run draws the
-  same masks as an uninterrupted one.
+  same masks as an uninterrupted one. loss='contrastive' (CLIP) is the symmetric InfoNCE of the
+  batch's images against their classes' prompts; its accuracy counts images whose best-matching
+  prompt is of their own class.
   """
+  loss_kind = loss
+
   def train_step(delta, opt_state, frozen, batch, step):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
     def loss_fn(delta):
       params = partition.merge(delta, frozen)
-      logits = model.apply({'params': params}, batch['image'], train=True,
-                           rngs={'dropout': rng})
-      loss = jnp.mean(cross_entropy(logits, batch['label'], num_classes, label_smoothing))
+      if loss_kind == 'contrastive':
+        from vadapt.models import clip_classifier  # pylint: disable=g-import-not-at-top
+        pair_logits = apply_method(model, params, 'contrastive_logits', batch['image'],
+                                   batch['label'], train=True, rngs={'dropout': rng})
+        # As class scores: the class of the prompt each image matches best.
+        logits = jax.nn.one_hot(batch['label'], num_classes)[jnp.argmax(pair_logits, -1)]
+        loss = clip_classifier.contrastive_loss(pair_logits)
+      else:
+        logits = model.apply({'params': params}, batch['image'], train=True,
+                             rngs={'dropout': rng})
+        loss = jnp.mean(cross_entropy(logits, batch['label'], num_classes, label_smoothing))
       if nan_at_step >= 0:  # Test hook: the (1-based) step nan_at_step diverges.
         loss = jnp.where(step + 1 == nan_at_step, jnp.nan, loss)
       return loss, logits
@@ -251,6 +323,7 @@ class _Experiment:
 def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Everything that can be checked before loading weights or compiling."""
   adapter_spec(config)
+  _loss_name(config)
   sharding_lib.batch_size_per_shard(mesh, config.batch_size, 'batch_size')
   sharding_lib.batch_size_per_shard(mesh, config.eval_batch_size, 'eval_batch_size')
   if config.total_steps < 1:
@@ -270,7 +343,7 @@ def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _
   _check_config(config, mesh)
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   info = input_pipeline.get_info(config.input)
-  model, backbone = build_model(config, info.num_classes)
+  model, backbone = build_model(config, info.num_classes, info.class_names)
   images = jnp.zeros(backbones.sample_images(config.backbone).shape, jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
 
@@ -286,8 +359,11 @@ def _setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> _
 
   if model is backbone:
     init_fn = lambda rng, bb: bb
-  else:
+  elif isinstance(model, inject.Adapted):
     init_fn = lambda rng, bb: api.init_with_pretrained(model, bb, rng, images)
+  else:  # The backbone plus new modules of its own (CLIP-Adapter): create only what is missing.
+    init_fn = lambda rng, bb: model.apply({'params': bb}, images, train=False, rngs={'params': rng},
+                                          mutable=['params'])[1]['params']
   abstract_params = jax.eval_shape(init_fn, rng, backbone_params)
   labels = partition.label_tree(abstract_params, label_rules(config))
   delta_abs, frozen_abs = partition.split(abstract_params, labels)
@@ -494,7 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_step = jax.jit(
       make_train_step(exp.model, exp.tx, exp.schedule, num_classes=exp.info.num_classes,
                       label_smoothing=c.label_smoothing, seed=c.seed,
-                      nan_at_step=c.debug.nan_at_step),
+                      nan_at_step=c.debug.nan_at_step, loss=_loss_name(c)),
       in_shardings=(exp.delta_shardings, opt_sh, exp.frozen_shardings, batch_sh, repl),
       out_shardings=(exp.delta_shardings, opt_sh, repl),
       donate_argnums=(0, 1))
@@ -662,3 +738,116 @@ def export_adapter(config: ml_collections.ConfigDict, workdir: str,
     ckpt_lib.save_adapter(out_path, jax.device_get(delta), meta)
   metrics_lib.log(f'Exported the adapter of step {step} to {out_path}.')
   return out_path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP without training: zero-shot and Tip-Adapter.
+
+
+def _clip_backbone(config: ml_collections.ConfigDict):
+  """(CLIPClassifier, params with the frozen classifier, dataset info) for config."""
+  if config.backbone.model != 'clip':
+    raise ValueError(f"Zero-shot and Tip-Adapter evaluation need backbone.model='clip'; found "
+                     f'{config.backbone.model!r}.')
+  if config.backbone.checkpoint:
+    pretrained_common.require_file(config.backbone.checkpoint, 'backbone.checkpoint')
+  else:
+    logging.warning('backbone.checkpoint is empty: evaluating a randomly initialised CLIP.')
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  info = input_pipeline.get_info(config.input)
+  model = backbones.make_model(config.backbone, info.num_classes, class_names=info.class_names,
+                               templates=tuple(config.clip.templates))
+  params = backbones.load_params(config.backbone, model,
+                                 rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+  return model, jax.device_put(params), info
+
+
+def _over_table(config: ml_collections.ConfigDict, table, fn: Callable, params: Any):
+  """fn(params, images) over one un-augmented pass of `table` -> (outputs (N, ...), labels (N,))."""
+  from vadapt.data import iterators  # pylint: disable=g-import-not-at-top
+  from vadapt.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+  ds = iterators.eval_dataset(
+      table, global_batch_size=config.eval_batch_size, image_size=config.backbone.image_size,
+      family=preprocess_lib.get_family(_preprocess(config, 'eval')), process_index=0,
+      process_count=1, crop_fraction=config.input.get('eval_crop_fraction'))
+  outputs, labels = [], []
+  for batch in ds.as_numpy_iterator():
+    mask = np.asarray(batch['mask'], bool)
+    outputs.append(np.asarray(fn(params, batch['image']))[mask])
+    labels.append(np.asarray(batch['label'])[mask])
+  if not labels or not sum(len(y) for y in labels):
+    raise ValueError('The split yielded no examples.')
+  return np.concatenate(outputs), np.concatenate(labels)
+
+
+def _write_json(workdir: Optional[str], name: str, result: dict[str, Any]) -> None:
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, name), 'w') as f:
+      json.dump(result, f, indent=2)
+
+
+def zero_shot(config: ml_collections.ConfigDict, workdir: Optional[str] = None
+              ) -> dict[str, float]:
+  """CLIP zero-shot top-1 on config.input's eval split (written to workdir/zeroshot.json).
+
+  The logits are the same module call the trainer evaluates (CLIPClassifier without adapters).
+  """
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  model, params, info = _clip_backbone(config)
+  _, eval_table = input_pipeline.load_tables(config.input)
+  logits_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  logits, labels = _over_table(config, eval_table, logits_fn, params)
+  result = {'zeroshot/accuracy': float(np.mean(np.argmax(logits, -1) == labels)),
+            'zeroshot/examples': int(len(labels)), 'num_classes': info.num_classes}
+  metrics_lib.log(f'zero-shot top-1 accuracy {result["zeroshot/accuracy"]:.4f} on '
+                  f'{len(labels)} examples of {config.input.get("eval_split")!r} '
+                  f'({info.num_classes} classes, {len(config.clip.templates)} template(s))')
+  _write_json(workdir, 'zeroshot.json', result)
+  return result
+
+
+def tip_adapter(config: ml_collections.ConfigDict, workdir: Optional[str] = None
+                ) -> dict[str, float]:
+  """Training-free Tip-Adapter on config.input's eval split (written to workdir/tip_adapter.json).
+
+  The cache holds every example of the train split after input.few_shot selection. alpha and
+  beta are config.clip.tip_alpha / tip_beta, or searched on config.clip.tip_search_split (a split
+  of the same source, disjoint from the eval split) when that is set.
+  """
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vadapt import zeroshot as zeroshot_lib  # pylint: disable=g-import-not-at-top
+  from vadapt.adapters import tip_adapter as tip  # pylint: disable=g-import-not-at-top
+  model, params, info = _clip_backbone(config)
+  train_table, eval_table = input_pipeline.load_tables(config.input)
+  features_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, method='image_features'))
+  keys, key_labels = _over_table(config, train_table, features_fn, params)
+  cache = tip.build_cache(keys, key_labels, num_classes=info.num_classes)
+  classifier, logit_scale = params['classifier'], params['logit_scale']
+  alpha, beta = float(config.clip.tip_alpha), float(config.clip.tip_beta)
+  result: dict[str, Any] = {'tip/cache_size': int(len(key_labels))}
+  search_split = config.clip.get('tip_search_split')
+  if search_split:
+    search_input = copy.deepcopy(config.input)
+    with search_input.unlocked():
+      search_input.eval_split = search_split
+    _, search_table = input_pipeline.load_tables(search_input)
+    f, y = _over_table(config, search_table, features_fn, params)
+    alpha, beta, search_acc = tip.search_hyperparameters(jnp.asarray(f), y, classifier,
+                                                         logit_scale, cache)
+    result['tip/search_accuracy'] = search_acc
+  features, labels = _over_table(config, eval_table, features_fn, params)
+  features = jnp.asarray(features)
+  zs = zeroshot_lib.zero_shot_logits(features, classifier, logit_scale)
+  logits = tip.tip_adapter_logits(features, classifier, logit_scale, cache, alpha=alpha,
+                                  beta=beta)
+  result.update({'tip/accuracy': zeroshot_lib.accuracy(logits, labels),
+                 'zeroshot/accuracy': zeroshot_lib.accuracy(zs, labels),
+                 'tip/alpha': alpha, 'tip/beta': beta, 'tip/examples': int(len(labels))})
+  metrics_lib.log(
+      f'Tip-Adapter top-1 accuracy {result["tip/accuracy"]:.4f} (zero-shot '
+      f'{result["zeroshot/accuracy"]:.4f}) on {len(labels)} examples; cache of '
+      f'{len(key_labels)} images ({config.input.get("few_shot") or "all"} per class), alpha '
+      f'{alpha:g}, beta {beta:g}' + (f' (searched on {search_split!r})' if search_split else ''))
+  _write_json(workdir, 'tip_adapter.json', result)
+  return result

@@ -823,7 +823,7 @@ def tip_adapter(config: ml_collections.ConfigDict, workdir: Optional[str] = None
   features_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, method='image_features'))
   keys, key_labels = _over_table(config, train_table, features_fn, params)
   cache = tip.build_cache(keys, key_labels, num_classes=info.num_classes)
-  classifier, logit_scale = params['classifier'], params['logit_scale']
+  classifier, logit_scale = params['classifier']['value'], params['logit_scale']
   alpha, beta = float(config.clip.tip_alpha), float(config.clip.tip_beta)
   result: dict[str, Any] = {'tip/cache_size': int(len(key_labels))}
   search_split = config.clip.get('tip_search_split')

@@ -8,7 +8,7 @@ normalised again. The prompts' token ids are a field of the module (``class_toke
 computed inside a jitted step:
 
   recompute_text=False  W is computed once from the text tower and held as the frozen parameter
-                        ``classifier`` (the text tower is not run during training);
+                        ``classifier/value`` (the text tower is not run during training);
   recompute_text=True   W is recomputed from the (adapted) text tower on every call, so adapters
                         in the text tower change the classifier.
 
@@ -58,6 +58,17 @@ def prompt_tokens(tokenizer: Callable[[list[str]], np.ndarray], class_names: Seq
   return tuple(tuple(tuple(int(i) for i in row) for row in cls) for cls in ids)
 
 
+class ComputedConstant(nn.Module):
+  """A 'params' leaf ``value`` whose initial value is computed (not drawn from a random key).
+
+  Held in 'params' so that it loads, shards and fingerprints like the rest of the frozen backbone.
+  """
+
+  @nn.compact
+  def __call__(self, compute: Callable[[], jax.Array]) -> jax.Array:
+    return self.variable('params', 'value', compute).value
+
+
 class CLIPClassifier(nn.Module):
   """Images (B, H, W, C) -> class logits (B, num_classes) with CLIP's zero-shot classifier.
 
@@ -65,7 +76,7 @@ class CLIPClassifier(nn.Module):
     clip: the CLIP model (its params are this module's params, at the same paths).
     class_tokens: (C, T, L) token ids of the prompts, from ``prompt_tokens``.
     recompute_text: recompute the classifier from the text tower on every call (for adapters
-      in the text tower); otherwise hold it as the frozen parameter ``classifier`` (E, C).
+      in the text tower); otherwise hold it as the frozen ``classifier/value`` (E, C).
     clip_adapter_ratio: None for no CLIP-Adapter; else its residual ratio alpha.
     clip_adapter_reduction: the CLIP-Adapter's bottleneck reduction.
   """
@@ -78,6 +89,8 @@ class CLIPClassifier(nn.Module):
   def setup(self):
     # No prefix: the params are CLIP's own tree (plus 'classifier' and 'adapter/').
     nn.share_scope(self, self.clip)
+    if not self.recompute_text:
+      self.frozen_classifier = ComputedConstant(name='classifier')
     if self.clip_adapter_ratio is not None:
       self.adapter = CLIPAdapter(ratio=self.clip_adapter_ratio,
                                  reduction=self.clip_adapter_reduction, dtype=self.clip.dtype)
@@ -101,12 +114,10 @@ class CLIPClassifier(nn.Module):
     return self._text_embeddings(self._tokens(), train=train).T
 
   def classifier(self, *, train: bool = False) -> jax.Array:
-    """The (E, C) classifier the logits use: recomputed, or the frozen ``classifier`` param."""
+    """The (E, C) classifier the logits use: recomputed, or the frozen ``classifier/value``."""
     if self.recompute_text:
       return self.text_classifier(train=train)
-    # A variable, not a param: its initialiser needs the text tower, not a random key.
-    return self.variable('params', 'classifier',
-                         lambda: jax.lax.stop_gradient(self.text_classifier())).value
+    return self.frozen_classifier(lambda: jax.lax.stop_gradient(self.text_classifier()))
 
   def image_features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Unnormalised image embeddings (B, E) (before any CLIP-Adapter)."""
@@ -125,7 +136,7 @@ class CLIPClassifier(nn.Module):
     """(B, B) image-text logits of each image against the prompt ensemble of each image's class.
 
     The text side is the class's row of the classifier: recomputed from the text tower for the
-    batch's classes only when recompute_text, else read from the frozen ``classifier``.
+    batch's classes only when recompute_text, else read from the frozen classifier.
     """
     image = l2_normalize(self.image_features(images, train=train))
     if self.recompute_text:

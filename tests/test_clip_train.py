@@ -196,3 +196,27 @@ def test_clip_only_options_are_rejected_elsewhere(tmp_path):
   with pytest.raises(ValueError, match='tower='):
     get_config('clip_b16_adapter', 'test,tower=image')
   assert config.adapter.scope == 'text/Transformer'
+
+
+def test_trains_from_a_hugging_face_checkpoint(tmp_path):
+  """backbone.checkpoint: an HF CLIPModel directory loads, trains, and stays frozen bit for bit."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from vadapt.pretrained import clip as clip_loader  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hf = transformers.CLIPModel(transformers.CLIPConfig(  # The 'tiny' config's shapes.
+      vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8),
+      text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77),
+      projection_dim=32))
+  hf.save_pretrained(tmp_path / 'hf')
+  config = get_config('clip_b16_adapter', 'test,tower=both', total_steps=2, eval_at_start=False,
+                      **{'backbone.checkpoint': str(tmp_path / 'hf')})
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'), export=False)
+  model, _, _ = _initial_params(config)
+  _, loaded = clip_loader.load(str(tmp_path / 'hf'), model.backbone.clip)
+  frozen = _flat(result.frozen)
+  for path, value in _flat(loaded).items():
+    np.testing.assert_array_equal(frozen[path], value, err_msg=path)
+  assert all('/adapter/' in k for k in _flat(result.delta))

@@ -201,5 +201,7 @@ def apply_clip_test_settings(c: ml_collections.ConfigDict) -> ml_collections.Con
   apply_test_settings(c)
   c.backbone.variant = 'tiny'
   c.clip.templates = ('a photo of a {}.', 'a digit {}.')
+  # Disjoint from the train split the few-shot cache is drawn from.
+  c.input.train_split = 'train[200:]'
   c.clip.tip_search_split = 'train[:200]'
   return c

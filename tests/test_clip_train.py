@@ -220,3 +220,15 @@ def test_trains_from_a_hugging_face_checkpoint(tmp_path):
   for path, value in _flat(loaded).items():
     np.testing.assert_array_equal(frozen[path], value, err_msg=path)
   assert all('/adapter/' in k for k in _flat(result.delta))
+
+
+def test_tip_adapter_search_split_is_disjoint_from_the_cache():
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = get_config('clip_adapter_fewshot')
+  cache_table, _ = input_pipeline.load_tables(config.input)
+  search_input = config.input.copy_and_resolve_references()
+  search_input.eval_split = config.clip.tip_search_split
+  _, search_table = input_pipeline.load_tables(search_input)
+  as_bytes = lambda table: {np.asarray(image).tobytes() for image in table.images}
+  assert len(cache_table.images) == 16 * 10
+  assert not as_bytes(cache_table) & as_bytes(search_table)

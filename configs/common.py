@@ -175,7 +175,7 @@ def apply_test_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def add_clip_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """CLIP fields on top of base_config: the backbone family, prompts, loss, CLIP-/Tip-Adapter."""
-  c.mode = 'train'  # Also 'zeroshot' | 'tip_adapter' (no training).
+  c.mode = 'train'  # Also 'zeroshot' | 'tip_adapter' | 'retrieval' (no training).
   c.backbone.model = 'clip'
   c.backbone.variant = 'ViT-B/16'  # A vadapt.models.clip config name.
   # Hugging Face CLIP safetensors (file or directory) or an OpenAI .pt; '' = random init (tests).
@@ -193,6 +193,8 @@ def add_clip_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.clip.tip_alpha = 1.0  # Tip-Adapter cache weight and sharpness (--mode=tip_adapter) ...
   c.clip.tip_beta = 1.0
   c.clip.tip_search_split = ''  # ... or searched on this split of the source when set.
+  # --mode=retrieval: a folder with captions.jsonl and images (vadapt.retrieval).
+  c.retrieval = ml_collections.ConfigDict(dict(path=''))
   return c
 
 

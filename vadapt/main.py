@@ -6,6 +6,8 @@ r"""Command line: parses flags and calls vadapt.train; nothing else lives here.
   python -m vadapt.main --config=... --workdir=workdir/pets --mode=export --out=adapter.safetensors
   python -m vadapt.main --config=configs/clip_adapter_fewshot.py --workdir=w --mode=zeroshot
   python -m vadapt.main --config=configs/clip_adapter_fewshot.py --workdir=w --mode=tip_adapter
+  python -m vadapt.main --config=configs/clip_b16_adapter.py --workdir=w --mode=retrieval \
+      --config.retrieval.path=captioned_images
 """
 
 from absl import app
@@ -13,13 +15,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vadapt import retrieval
 from vadapt import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally with an argument: file.py:arg.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and exports go here.')
-_MODE = flags.DEFINE_enum('mode', None, ['train', 'eval', 'export', 'zeroshot', 'tip_adapter'],
+_MODE = flags.DEFINE_enum('mode', None, ['train', 'eval', 'export', 'zeroshot', 'tip_adapter',
+                                           'retrieval'],
                           'What to do; defaults to config.mode (train).')
 _OUT = flags.DEFINE_string('out', None, 'export: the .safetensors file to write '
                            '(default WORKDIR/adapter.safetensors).')
@@ -44,9 +48,11 @@ def main(argv):
     train.zero_shot(config, _WORKDIR.value)
   elif mode == 'tip_adapter':
     train.tip_adapter(config, _WORKDIR.value)
+  elif mode == 'retrieval':
+    retrieval.evaluate_retrieval(config, _WORKDIR.value)
   else:
     raise app.UsageError(f"Unknown mode {mode!r}; expected 'train', 'eval', 'export', "
-                         "'zeroshot' or 'tip_adapter'.")
+                         "'zeroshot', 'tip_adapter' or 'retrieval'.")
 
 
 if __name__ == '__main__':

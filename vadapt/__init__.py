@@ -27,7 +27,8 @@ __version__ = '0.1.0'
 
 _LAZY_SUBMODULES = (
     'api', 'backbones', 'checkpoint', 'inject', 'input_pipeline', 'metrics', 'placements',
-    'sharding', 'tokenizer', 'train', 'zeroshot', 'adapters', 'models', 'pretrained', 'data',
+    'retrieval', 'sharding', 'tokenizer', 'train', 'zeroshot', 'adapters', 'models', 'pretrained',
+    'data',
 )
 
 

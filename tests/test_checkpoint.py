@@ -1,6 +1,5 @@
 """Delta checkpoints: bit-identical resume, adapter export/import, backbone fingerprints."""
 
-import importlib
 import os
 import shutil
 
@@ -14,18 +13,11 @@ from vadapt import checkpoint as ckpt_lib
 from vadapt import partition
 from vadapt import train
 from vadapt.pretrained import common as pretrained_common
+from config_overrides import load_config
 
 
 def get_config(**overrides):
-  config = importlib.import_module('configs.vit_b16_adapter').get_config('test')
-  overrides = {'mesh.num_devices': 1, **overrides}
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(**{'mesh.num_devices': 1, **overrides})
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,5 @@
 """CLIP through the trainer: tower adapters (CE / contrastive), CLIP-Adapter, zero-shot, Tip-Adapter."""
 
-import importlib
 import json
 import os
 import sys
@@ -20,19 +19,13 @@ from vadapt import tokenizer as tokenizer_lib
 from vadapt import train
 from vadapt.models import clip_classifier
 from vadapt.pretrained import common as pretrained_common
+from config_overrides import load_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, 'configs')
 
 
 def get_config(name, arg='test', **overrides):
-  config = importlib.import_module(f'configs.{name}').get_config(arg)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(name, arg, **overrides)
 
 
 def _flat(tree):

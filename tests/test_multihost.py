@@ -5,7 +5,6 @@ batch, and builds global arrays with jax.make_array_from_process_local_data. Thi
 the worker: `python tests/test_multihost.py PROCESS_ID PORT WORKDIR`.
 """
 
-import importlib
 import json
 import os
 import socket
@@ -13,20 +12,14 @@ import subprocess
 import sys
 
 import numpy as np
+from config_overrides import load_config
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 OVERRIDES = {'total_steps': 2, 'log_every': 1, 'checkpoint_every': 1, 'eval_at_start': False}
 
 
 def get_config(**overrides):
-  config = importlib.import_module('configs.vit_b16_adapter').get_config('test')
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(**overrides)
 
 
 def _losses(workdir):

@@ -1,6 +1,5 @@
 """Mesh construction, sharding rules, and 1 vs 8 devices giving the same training."""
 
-import importlib
 
 import jax
 import numpy as np
@@ -10,17 +9,11 @@ from jax.sharding import PartitionSpec as P
 from vadapt import metrics as metrics_lib
 from vadapt import sharding
 from vadapt import train
+from config_overrides import load_config
 
 
 def get_config(**overrides):
-  config = importlib.import_module('configs.vit_b16_adapter').get_config('test')
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(**overrides)
 
 
 def test_make_mesh_uses_auto_axes_and_all_devices():

@@ -1,6 +1,5 @@
 """End-to-end training on the tiny configs, and the errors bad inputs must give."""
 
-import importlib
 import os
 
 import jax
@@ -14,18 +13,11 @@ from vadapt import partition
 from vadapt import train
 from vadapt.pretrained import common as pretrained_common
 from vadapt.pretrained import vit as vit_loader
+from config_overrides import load_config
 
 def get_config(name='vit_b16_adapter', arg='test', **overrides):
   """A `:test` config on one device (the sharding tests cover meshes) with dotted overrides."""
-  config = importlib.import_module(f'configs.{name}').get_config(arg)
-  overrides = {'mesh.num_devices': 1, **overrides}
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(name, arg, **{'mesh.num_devices': 1, **overrides})
 
 
 @pytest.fixture(scope='module')

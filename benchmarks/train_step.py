@@ -21,7 +21,18 @@ import subprocess
 import sys
 import time
 
-METHODS = ('full', 'houlsby', 'pfeiffer', 'linear')
+# 'name+remat' rematerialises every encoder block in the backward pass (backbone.remat=True).
+METHODS = ('full', 'houlsby', 'pfeiffer', 'linear', 'full+remat', 'houlsby+remat',
+           'pfeiffer+remat')
+# XLA:CPU's default concurrency-optimised scheduler orders the step for parallelism, not memory:
+# it keeps about 0.5 GiB more of ViT-B/16's activations alive and cancels remat's saving
+# entirely (same temporaries with and without remat). The benchmark turns it off for every
+# method alike; --xla_cpu_scheduler=default measures XLA's default.
+MEMORY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
+def _rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _worker(args) -> dict:
@@ -32,13 +43,18 @@ def _worker(args) -> dict:
   assert 'tensorflow' not in sys.modules
 
   from vadapt import api, partition, train  # pylint: disable=g-import-not-at-top
+  rss_imports = _rss_mib()
+  method, _, option = args.method.partition('+')
+  if option not in ('', 'remat'):
+    raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat'.")
 
   # The config is built here rather than from configs/common.py, whose input pipeline pulls in
   # TensorFlow: its ~0.5 GiB would count in every method's peak RSS.
   config = ml_collections.ConfigDict({
       'backbone': {'model': 'vit', 'variant': args.variant, 'image_size': args.image_size,
-                   'dtype': 'float32', 'dropout_rate': 0.0, 'overrides': {}},
-      'adapter': {'method': args.method, 'bottleneck': args.bottleneck,
+                   'dtype': 'float32', 'dropout_rate': 0.0, 'remat': option == 'remat',
+                   'overrides': {}},
+      'adapter': {'method': method, 'bottleneck': args.bottleneck,
                   'reduction_factor': None, 'layers': None, 'activation': 'relu', 'scale': None,
                   'learnable_scale': False, 'layer_norm': None, 'dropout': 0.0},
       'train_head': True,
@@ -53,12 +69,15 @@ def _worker(args) -> dict:
   model, backbone = train.build_model(config, num_classes)
   images = jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32)
   rng = jax.random.PRNGKey(0)
-  params = jax.jit(lambda r: backbone.init(r, images, train=False)['params'])(rng)
-  if model is not backbone:
-    params = api.init_with_pretrained(model, params, rng, images)
-  labels = partition.label_tree(params, train.label_rules(config))
-  delta, frozen = partition.split(params, labels)
-  del params
+
+  def init_params(rng):
+    params = backbone.init(rng, images, train=False)['params']
+    return params if model is backbone else api.init_with_pretrained(model, params, rng, images)
+
+  # Shapes first, then one jitted init that returns the two halves: the full tree never exists
+  # as a separate copy, and no second compile runs for the adapters' initialisation.
+  labels = partition.label_tree(jax.eval_shape(init_params, rng), train.label_rules(config))
+  delta, frozen = jax.jit(lambda r: partition.split(init_params(r), labels))(rng)
   delta_labels, _ = partition.split(labels, labels)
   schedule = train.make_schedule(config)
   tx = train.make_optimizer(config, delta_labels, schedule)
@@ -71,7 +90,7 @@ def _worker(args) -> dict:
                                                       args.image_size, 3)), jnp.float32),
            'label': jnp.asarray(data_rng.integers(0, num_classes, args.batch_size), jnp.int32)}
 
-  rss_before_step = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  rss_before_step = _rss_mib()
   start = time.perf_counter()
   compiled = step_fn.lower(delta, opt_state, frozen, batch, 0).compile()
   compile_s = time.perf_counter() - start
@@ -91,20 +110,20 @@ def _worker(args) -> dict:
     jax.block_until_ready((delta, m))
     times.append(time.perf_counter() - start)
   sec = float(np.median(times))
-  counts = partition.count(jax.eval_shape(lambda: partition.merge(delta, frozen)),
-                           partition.label_tree(partition.merge(delta, frozen),
-                                                train.label_rules(config)))
+  counts = partition.count(jax.eval_shape(lambda: partition.merge(delta, frozen)), labels)
   total = sum(counts.values())
   return {
       'method': args.method,
+      'remat': option == 'remat',
       'trainable': total - counts.get('frozen', 0),
       'total': total,
       'sec_per_step': sec,
       'img_per_sec': args.batch_size / sec,
       'compile_s': compile_s,
       'xla_step_mib': step_mib,
+      'rss_imports_mib': rss_imports,
       'rss_before_step_mib': rss_before_step,
-      'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+      'peak_rss_mib': _rss_mib(),
       'loss': float(m['loss']),
       'tensorflow_loaded': 'tensorflow' in sys.modules,
   }
@@ -126,25 +145,42 @@ def _machine() -> str:
           f'jax {jax.__version__} ({jax.default_backend()}); Python {platform.python_version()}')
 
 
+def _ratio(a, b) -> str:
+  return f'{a / b:.2f}x' if a and b else 'n/a'
+
+
 def _table(results: list[dict], args) -> str:
   base = next((r for r in results if r['method'] == 'full'), results[0])
   header = (f'ViT-{args.variant} at {args.image_size}px, batch {args.batch_size}, f32, median of '
-            f'{args.steps} steps after one compile step; bottleneck {args.bottleneck}.\n\n')
+            f'{args.steps} steps after one compile step; bottleneck {args.bottleneck}; XLA:CPU '
+            f'scheduler: {args.xla_cpu_scheduler}. Ratios are against `{base["method"]}` from '
+            'the same run.\n\n')
   lines = ['| method | trainable params | img/s | vs full | peak RSS (MiB) | vs full | '
            'XLA step memory (MiB) | vs full | compile (s) |',
            '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
-  ratio = lambda a, b: f'{a / b:.2f}x' if a and b else 'n/a'
   for r in results:
     xla = f'{r["xla_step_mib"]:.0f}' if r['xla_step_mib'] else 'n/a'
     lines.append(
         f'| {r["method"]} | {r["trainable"]:,} ({100 * r["trainable"] / r["total"]:.2f}%) | '
-        f'{r["img_per_sec"]:.2f} | {ratio(r["img_per_sec"], base["img_per_sec"])} | '
-        f'{r["peak_rss_mib"]:.0f} | {ratio(r["peak_rss_mib"], base["peak_rss_mib"])} | '
-        f'{xla} | {ratio(r["xla_step_mib"], base["xla_step_mib"])} | {r["compile_s"]:.1f} |')
+        f'{r["img_per_sec"]:.2f} | {_ratio(r["img_per_sec"], base["img_per_sec"])} | '
+        f'{r["peak_rss_mib"]:.0f} | {_ratio(r["peak_rss_mib"], base["peak_rss_mib"])} | '
+        f'{xla} | {_ratio(r["xla_step_mib"], base["xla_step_mib"])} | {r["compile_s"]:.1f} |')
   lines.append('')
-  lines.append('Peak RSS is the whole process (Python + JAX + compiler + params + step); XLA step '
-               "memory is the compiled step's arguments + temporaries + outputs (donated buffers "
-               'counted once).')
+  imports = sorted(r['rss_imports_mib'] for r in results)
+  lines.append('Peak RSS is the whole process (Python + JAX + compiler + params + step); the '
+               f'process after its imports alone holds {imports[0]:.0f}-{imports[-1]:.0f} MiB '
+               "of it. XLA step memory is the compiled step's arguments + temporaries + outputs "
+               '(donated buffers counted once).')
+  remat_base = next((r for r in results if r['method'] == 'full+remat'), None)
+  if remat_base:
+    lines += ['', 'The remat rows against full fine-tuning with remat (both sides recompute):', '',
+              '| method | img/s vs full+remat | peak RSS vs full+remat | XLA step memory vs '
+              'full+remat |', '|---|---:|---:|---:|']
+    for r in results:
+      if r['remat'] and r is not remat_base:
+        lines.append(f'| {r["method"]} | {_ratio(r["img_per_sec"], remat_base["img_per_sec"])} | '
+                     f'{_ratio(r["peak_rss_mib"], remat_base["peak_rss_mib"])} | '
+                     f'{_ratio(r["xla_step_mib"], remat_base["xla_step_mib"])} |')
   return header + '\n'.join(lines) + '\n'
 
 
@@ -155,7 +191,10 @@ def main() -> None:
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--bottleneck', type=int, default=64)
   parser.add_argument('--steps', type=int, default=3)
-  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--methods', default=','.join(METHODS),
+                      help="Comma-separated; append '+remat' for backbone.remat=True.")
+  parser.add_argument('--xla_cpu_scheduler', choices=('memory', 'default'), default='memory',
+                      help=f"'memory' sets {MEMORY_SCHEDULER_FLAG} in every worker.")
   parser.add_argument('--out', default=None, help='Also write the table (markdown) here.')
   parser.add_argument('--method', default=None, help=argparse.SUPPRESS)  # Worker mode.
   args = parser.parse_args()
@@ -164,30 +203,37 @@ def main() -> None:
     print('RESULT ' + json.dumps(_worker(args)), flush=True)
     return
 
+  env = dict(os.environ)
+  if args.xla_cpu_scheduler == 'memory':
+    env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {MEMORY_SCHEDULER_FLAG}'.strip()
+  load_before = os.getloadavg()
   results = []
   for method in args.methods.split(','):
     cmd = [sys.executable, os.path.abspath(__file__), f'--method={method}',
            f'--variant={args.variant}', f'--image_size={args.image_size}',
            f'--batch_size={args.batch_size}', f'--bottleneck={args.bottleneck}',
            f'--steps={args.steps}']
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
     if proc.returncode or not lines:
       sys.exit(f'{method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}')
     results.append(json.loads(lines[-1][len('RESULT '):]))
     print(f'{method}: {results[-1]["img_per_sec"]:.2f} img/s, '
           f'peak RSS {results[-1]["peak_rss_mib"]:.0f} MiB', file=sys.stderr, flush=True)
+  load_after = os.getloadavg()
 
   table = _table(results, args)
   machine = _machine()
+  load = (f'Load average (1/5/15 min) before the run: {", ".join(f"{x:.2f}" for x in load_before)}; '
+          f'after: {", ".join(f"{x:.2f}" for x in load_after)}.')
   print(table)
-  print(f'Machine: {machine}')
+  print(f'Machine: {machine}\n{load}')
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
       f.write(f'# Train step: full fine-tuning vs adapters vs linear probe\n\n'
               f'Command: `python benchmarks/train_step.py --out={args.out}`\n\n'
-              f'Machine: {machine}\n\n{table}')
+              f'Machine: {machine}\n\n{load}\n\n{table}')
 
 
 if __name__ == '__main__':

@@ -10,7 +10,17 @@ r"""Command line: parses flags and calls vadapt.train; nothing else lives here.
       --config.retrieval.path=captioned_images
 """
 
-from absl import app
+import os
+
+# XLA:CPU's default schedule favours concurrency and keeps about 0.5 GiB more of ViT-B/16's
+# activations alive; it also undoes remat entirely (benchmarks/results/train_step_cpu.md). XLA
+# reads its flags once, before JAX starts, so the CLI sets this here unless the user chose.
+# GPU and TPU compilers ignore it.
+_CPU_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler'
+if _CPU_SCHEDULER_FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_CPU_SCHEDULER_FLAG}=false'.strip()
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 from ml_collections import config_flags

@@ -40,6 +40,19 @@ def bottleneck_width(features: int, bottleneck: Optional[int],
   return max(1, int(features // reduction_factor))
 
 
+def check_options(config: Any) -> None:
+  """Validates an adapter config (width choice, activation, dropout) as soon as it is created.
+
+  The input width is unknown until the adapter sees a tensor; a stand-in width divisible by the
+  reduction factor checks the bottleneck/reduction_factor choice.
+  """
+  bottleneck_width(max(1, int(config.reduction_factor or 1)), config.bottleneck,
+                   config.reduction_factor)
+  get_activation(config.activation)
+  if not 0.0 <= config.dropout < 1.0:
+    raise ValueError(f'dropout must be in [0, 1); found {config.dropout!r}.')
+
+
 class BottleneckAdapter(nn.Module):
   """Down-projection, activation, up-projection; maps (..., D) to (..., out_features or D).
 
@@ -113,12 +126,7 @@ class BottleneckConfig:
   learnable_scale: bool = False
 
   def __post_init__(self):
-    # Validate eagerly (features=1 only stands in for the unknown width).
-    bottleneck_width(max(1, int(self.reduction_factor or 1)), self.bottleneck,
-                     self.reduction_factor)
-    get_activation(self.activation)
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f'dropout must be in [0, 1); found {self.dropout!r}.')
+    check_options(self)
 
   def build(self, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...], name: str,
             parent: nn.Module) -> BottleneckAdapter:

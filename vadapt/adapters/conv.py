@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from vadapt.adapters.bottleneck import bottleneck_width
+from vadapt.adapters.bottleneck import check_options
 from vadapt.models.vit import get_activation
 
 Dtype = Any
@@ -94,11 +95,7 @@ class ConvAdapterConfig:
   scale: float = 1.0
 
   def __post_init__(self):
-    bottleneck_width(max(1, int(self.reduction_factor or 1)), self.bottleneck,
-                     self.reduction_factor)
-    get_activation(self.activation)
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f'dropout must be in [0, 1); found {self.dropout!r}.')
+    check_options(self)
 
   def build(self, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...], name: str,
             parent: nn.Module) -> ConvAdapter:

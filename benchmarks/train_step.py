@@ -21,9 +21,10 @@ import subprocess
 import sys
 import time
 
-# 'name+remat' rematerialises every encoder block in the backward pass (backbone.remat=True).
+# 'name+remat' rematerialises every encoder block in the backward pass (backbone.remat=True);
+# 'name+remat_dots' does so keeping the Dense outputs (backbone.remat_policy='dots').
 METHODS = ('full', 'houlsby', 'pfeiffer', 'linear', 'full+remat', 'houlsby+remat',
-           'pfeiffer+remat')
+           'pfeiffer+remat', 'houlsby+remat_dots', 'pfeiffer+remat_dots')
 # XLA:CPU's default concurrency-optimised scheduler orders the step for parallelism, not memory:
 # it keeps about 0.5 GiB more of ViT-B/16's activations alive and cancels remat's saving
 # entirely (same temporaries with and without remat). The benchmark turns it off for every
@@ -45,14 +46,16 @@ def _worker(args) -> dict:
   from vadapt import api, partition, train  # pylint: disable=g-import-not-at-top
   rss_imports = _rss_mib()
   method, _, option = args.method.partition('+')
-  if option not in ('', 'remat'):
-    raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat'.")
+  if option not in ('', 'remat', 'remat_dots'):
+    raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat' or "
+                     "'remat_dots'.")
 
   # The config is built here rather than from configs/common.py, whose input pipeline pulls in
   # TensorFlow: its ~0.5 GiB would count in every method's peak RSS.
   config = ml_collections.ConfigDict({
       'backbone': {'model': 'vit', 'variant': args.variant, 'image_size': args.image_size,
-                   'dtype': 'float32', 'dropout_rate': 0.0, 'remat': option == 'remat',
+                   'dtype': 'float32', 'dropout_rate': 0.0, 'remat': bool(option),
+                   'remat_policy': 'dots' if option == 'remat_dots' else 'nothing',
                    'overrides': {}},
       'adapter': {'method': method, 'bottleneck': args.bottleneck,
                   'reduction_factor': None, 'layers': None, 'activation': 'relu', 'scale': None,
@@ -114,7 +117,7 @@ def _worker(args) -> dict:
   total = sum(counts.values())
   return {
       'method': args.method,
-      'remat': option == 'remat',
+      'remat': option == 'remat',  # Full remat rows are compared with full+remat.
       'trainable': total - counts.get('frozen', 0),
       'total': total,
       'sec_per_step': sec,
@@ -192,7 +195,8 @@ def main() -> None:
   parser.add_argument('--bottleneck', type=int, default=64)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--methods', default=','.join(METHODS),
-                      help="Comma-separated; append '+remat' for backbone.remat=True.")
+                      help="Comma-separated; append '+remat' (backbone.remat=True) or '+remat_dots' "
+                           "(remat keeping Dense outputs).")
   parser.add_argument('--xla_cpu_scheduler', choices=('memory', 'default'), default='memory',
                       help=f"'memory' sets {MEMORY_SCHEDULER_FLAG} in every worker.")
   parser.add_argument('--out', default=None, help='Also write the table (markdown) here.')

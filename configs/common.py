@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone.dtype = 'float32'  # Compute dtype; 'bfloat16' on TPU/GPU.
   c.backbone.dropout_rate = 0.0
   c.backbone.remat = False  # Recompute block activations in the backward pass (less memory).
+  # With remat, what each block keeps: 'nothing' (least memory) or 'dots' (Dense outputs: most
+  # of the saving for adapters at little extra compute). ViT only.
+  c.backbone.remat_policy = 'nothing'
   # Zero the loaded head even when its class count matches (the new task's labels differ).
   c.backbone.reset_head = False
   # Extra VisionTransformer fields (e.g. hidden_size for a custom width); keys fixed per config.

@@ -73,3 +73,23 @@ def test_wrong_image_size():
     model.apply(variables, jnp.ones((2, 48, 48, 3)))
   with pytest.raises(ValueError, match='not divisible by the patch size 4'):
     model.apply(variables, jnp.ones((2, 30, 30, 3)))
+
+
+@pytest.mark.parametrize('policy', ['nothing', 'dots'])
+def test_remat_policies_keep_outputs_and_gradients(policy):
+  plain = vit.from_variant('mu/4', num_classes=5)
+  remat = vit.from_variant('mu/4', num_classes=5, remat=True, remat_policy=policy)
+  params = _init(plain)['params']
+  x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+  loss = lambda model: lambda p: jnp.sum(model.apply({'params': p}, x, return_features=True)[1]
+                                         ['encoded'] ** 2)
+  np.testing.assert_allclose(loss(remat)(params), loss(plain)(params), rtol=1e-6)
+  for g_remat, g_plain in zip(jax.tree.leaves(jax.grad(loss(remat))(params)),
+                              jax.tree.leaves(jax.grad(loss(plain))(params))):
+    np.testing.assert_allclose(g_remat, g_plain, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_remat_policy():
+  model = vit.from_variant('mu/4', num_classes=3, remat=True, remat_policy='everything')
+  with pytest.raises(ValueError, match="Unknown remat policy 'everything'; known: \\['dots', 'nothing'\\]"):
+    _init(model)

@@ -51,7 +51,8 @@ def make_model(cfg: ml_collections.ConfigDict, num_classes: Optional[int], *,
   overrides = dict(cfg.overrides.to_dict()) if cfg.get('overrides') else {}
   return vit.from_variant(cfg.variant, num_classes=num_classes, dtype=compute_dtype(cfg.dtype),
                           dropout_rate=cfg.get('dropout_rate', 0.0),
-                          remat=cfg.get('remat', False), **overrides)
+                          remat=cfg.get('remat', False),
+                          remat_policy=cfg.get('remat_policy', 'nothing'), **overrides)
 
 
 def _make_clip(cfg, num_classes, class_names, templates, recompute_text, ratio, reduction):

@@ -37,6 +37,21 @@ Dtype = Any
 
 CLASSIFIERS = ('token', 'gap', 'map')
 
+# What a rematerialised block keeps for the backward pass. 'nothing': only the block's input (least
+# memory, one extra forward pass). 'dots': also the outputs of its Dense projections (q, k, v,
+# out, MLP), so the backward pass recomputes only attention scores and element-wise work; with a
+# frozen backbone this keeps most of remat's saving at a fraction of its compute.
+REMAT_POLICIES = {
+    'nothing': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def get_remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'Unknown remat policy {name!r}; known: {sorted(REMAT_POLICIES)}.')
+  return REMAT_POLICIES[name]
+
 
 def quick_gelu(x: jax.Array) -> jax.Array:
   """CLIP's sigmoid approximation of GELU."""
@@ -183,6 +198,7 @@ class Encoder(nn.Module):
     attention_dropout_rate: attention dropout rate.
     scan: run the blocks under nn.scan (params stacked on a leading depth axis).
     remat: rematerialise each block in the backward pass.
+    remat_policy: what a rematerialised block saves, a name in REMAT_POLICIES.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -196,6 +212,7 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   scan: bool = False
   remat: bool = False
+  remat_policy: str = 'nothing'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -218,13 +235,16 @@ class Encoder(nn.Module):
     if self.scan:
       block_cls = _ScanEncoder1DBlock
       if self.remat:
-        block_cls = nn.remat(block_cls, prevent_cse=False, static_argnums=(2,))
+        block_cls = nn.remat(block_cls, prevent_cse=False, static_argnums=(2,),
+                             policy=get_remat_policy(self.remat_policy))
       x, blocks = nn.scan(
           block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
           in_axes=nn.broadcast, length=self.num_layers,
       )(name='encoderblock', **block_kwargs)(x, not train)
     else:
-      block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+      block_cls = (nn.remat(Encoder1DBlock, static_argnums=(2,),
+                            policy=get_remat_policy(self.remat_policy))
+                   if self.remat else Encoder1DBlock)
       outputs = []
       for i in range(self.num_layers):
         x = block_cls(name=f'encoderblock_{i}', **block_kwargs)(x, not train)
@@ -289,6 +309,7 @@ class VisionTransformer(nn.Module):
     attention_dropout_rate: attention dropout rate.
     scan: nn.scan over blocks (stacked params).
     remat: rematerialise blocks.
+    remat_policy: what rematerialised blocks save ('nothing' or 'dots', see REMAT_POLICIES).
     head_bias_init: initial head bias (vit_jax uses 0; big_vision sometimes -6.9 for sigmoid).
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -309,6 +330,7 @@ class VisionTransformer(nn.Module):
   attention_dropout_rate: float = 0.0
   scan: bool = False
   remat: bool = False
+  remat_policy: str = 'nothing'
   head_bias_init: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -346,7 +368,8 @@ class VisionTransformer(nn.Module):
         activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
         posemb_includes_cls=self.posemb_includes_cls, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, scan=self.scan, remat=self.remat,
-        dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer',
+        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='Transformer',
     )(x, cls_token=cls_token, train=train)
 
     if self.classifier == 'token':

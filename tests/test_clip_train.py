@@ -2,24 +2,20 @@
 
 import json
 import os
-import sys
-from unittest import mock
 
-from absl import flags
-from absl.testing import flagsaver
 import jax
 import numpy as np
 import pytest
 
 from vadapt import backbones
 from vadapt import checkpoint as ckpt_lib
-from vadapt import main
 from vadapt import partition
 from vadapt import tokenizer as tokenizer_lib
 from vadapt import train
 from vadapt.models import clip_classifier
 from vadapt.pretrained import common as pretrained_common
 from config_overrides import load_config
+from cli_runner import run_main
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, 'configs')
 
@@ -138,20 +134,12 @@ def test_clip_adapter_ratio_zero_equals_zero_shot(tmp_path):
     assert json.load(f)['zeroshot/accuracy'] == zs['zeroshot/accuracy']
 
 
-def _run_main(argv):
-  argv = ['vadapt.main'] + argv
-  with flagsaver.flagsaver(), mock.patch.object(sys, 'argv', argv):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    main.main(['vadapt.main'])
-
-
 def test_zeroshot_and_tip_adapter_modes_through_main(tmp_path, capsys):
   config = os.path.join(CONFIGS, 'clip_adapter_fewshot.py')
   common = [f'--config={config}:test', f'--workdir={tmp_path}']
-  _run_main(common + ['--mode=zeroshot'])
+  run_main(common + ['--mode=zeroshot'])
   assert 'zero-shot top-1 accuracy' in capsys.readouterr().out
-  _run_main(common + ['--mode=tip_adapter'])
+  run_main(common + ['--mode=tip_adapter'])
   out = capsys.readouterr().out
   assert 'Tip-Adapter top-1 accuracy' in out and 'cache of 160 images' in out
   with open(tmp_path / 'tip_adapter.json') as f:

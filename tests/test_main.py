@@ -2,48 +2,33 @@
 
 import importlib
 import os
-import sys
-from unittest import mock
 
 from absl import flags
 from absl.testing import flagsaver
 import pytest
 
+from cli_runner import parse_flags
+from cli_runner import run_main
 from vadapt import checkpoint as ckpt_lib
-from vadapt import main
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'vit_b16_adapter.py')
-
-
-def _parse(argv):
-  # config_flags reads the --config.* overrides from sys.argv itself.
-  argv = ['vadapt.main'] + argv
-  with mock.patch.object(sys, 'argv', argv):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-
-
-def _run(argv):
-  with flagsaver.flagsaver():
-    _parse(argv)
-    main.main(['vadapt.main'])
 
 
 def test_train_then_eval_then_export_through_flags(tmp_path, capsys):
   workdir = str(tmp_path / 'work')
   common = [f'--config={CONFIG}:test', f'--workdir={workdir}', '--config.mesh.num_devices=1']
-  _run(common + ['--config.adapter.bottleneck=4', '--config.total_steps=2'])
+  run_main(common + ['--config.adapter.bottleneck=4', '--config.total_steps=2'])
   out = capsys.readouterr().out
   assert 'step 2/2' in out and 'img/s' in out and 'ETA' in out
   assert 'trainable' in out and 'eval accuracy after 2 steps' in out
   meta = ckpt_lib.Checkpointer(workdir).restore_meta(2)
   assert meta['adapter']['bottleneck'] == 4  # The override reached the run.
 
-  _run(common + ['--config.adapter.bottleneck=4', '--config.total_steps=2', '--mode=eval'])
+  run_main(common + ['--config.adapter.bottleneck=4', '--config.total_steps=2', '--mode=eval'])
   assert 'step 2: eval accuracy' in capsys.readouterr().out
 
   out_path = str(tmp_path / 'exported.safetensors')
-  _run(common + ['--config.adapter.bottleneck=4', '--config.total_steps=2', '--mode=export',
+  run_main(common + ['--config.adapter.bottleneck=4', '--config.total_steps=2', '--mode=export',
                  f'--out={out_path}'])
   flat, meta = ckpt_lib.read_adapter(out_path)
   assert meta['adapter']['bottleneck'] == 4
@@ -53,19 +38,19 @@ def test_train_then_eval_then_export_through_flags(tmp_path, capsys):
 def test_config_key_typo_is_an_error(tmp_path):
   with flagsaver.flagsaver():
     with pytest.raises(KeyError, match='Did you mean "adapter" instead of "adaptr"'):
-      _parse([f'--config={CONFIG}:test', f'--workdir={tmp_path}', '--config.adaptr.bottleneck=1'])
+      parse_flags([f'--config={CONFIG}:test', f'--workdir={tmp_path}', '--config.adaptr.bottleneck=1'])
   assert not os.listdir(tmp_path)
 
 
 def test_unknown_config_argument_is_an_error(tmp_path):
   with flagsaver.flagsaver():
     with pytest.raises(flags.IllegalFlagValueError, match="Unknown config argument 'bottlenek'"):
-      _parse([f'--config={CONFIG}:bottlenek=3', f'--workdir={tmp_path}'])
+      parse_flags([f'--config={CONFIG}:bottlenek=3', f'--workdir={tmp_path}'])
 
 
 def test_eval_without_checkpoint_is_an_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
-    _run([f'--config={CONFIG}:test', f'--workdir={tmp_path}', '--mode=eval'])
+    run_main([f'--config={CONFIG}:test', f'--workdir={tmp_path}', '--mode=eval'])
 
 
 CONFIG_FILES = sorted(f for f in os.listdir(os.path.join(os.path.dirname(CONFIG)))

@@ -3,21 +3,17 @@
 import importlib
 import json
 import os
-import sys
-from unittest import mock
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
-from vadapt import main
 from vadapt import retrieval
 from vadapt import tokenizer as tokenizer_lib
 from vadapt import zeroshot
 from vadapt.data import preprocess as preprocess_lib
+from cli_runner import run_main
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, 'configs')
 COLOURS = {'red': (220, 20, 20), 'green': (20, 200, 20), 'blue': (20, 20, 220),
@@ -58,17 +54,9 @@ def test_read_captions_groups_captions_by_image(tmp_path):
   np.testing.assert_array_equal(dataset.text_to_image, [0, 1, 0, 2, 3, 4, 1, 5, 2])
 
 
-def _run_main(argv):
-  argv = ['vadapt.main'] + argv
-  with flagsaver.flagsaver(), mock.patch.object(sys, 'argv', argv):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    main.main(['vadapt.main'])
-
-
 def test_mode_and_function_equal_independent_computation(tmp_path, capsys):
   root = _write_folder(tmp_path / 'data')
-  _run_main([f'--config={os.path.join(CONFIGS, "clip_b16_adapter.py")}:test',
+  run_main([f'--config={os.path.join(CONFIGS, "clip_b16_adapter.py")}:test',
              f'--workdir={tmp_path / "work"}', '--mode=retrieval',
              f'--config.retrieval.path={root}'])
   out = capsys.readouterr().out

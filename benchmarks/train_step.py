@@ -4,7 +4,7 @@ r"""Train-step throughput and peak memory: full fine-tuning vs adapters vs linea
   python benchmarks/train_step.py --variant=mu/4 --image_size=32 --steps=2   # a quick smoke run
 
 Each method runs in its own fresh process (peak RSS from resource.getrusage is per process), using
-the trainer's own pieces: vadapt.train.build_model / label_rules / make_optimizer /
+the trainer's own pieces: vadapt.experiment.build_model / label_rules / make_optimizer /
 make_train_step, jitted with the frozen tree as a non-donated input and gradients over the delta
 only. Images are random (the input pipeline is not measured). Results print as a markdown table
 with ratios against full fine-tuning; --out also writes them with a machine description.
@@ -43,7 +43,7 @@ def _worker(args) -> dict:
   import numpy as np
   assert 'tensorflow' not in sys.modules
 
-  from vadapt import api, partition, train  # pylint: disable=g-import-not-at-top
+  from vadapt import api, experiment, partition, train  # pylint: disable=g-import-not-at-top
   rss_imports = _rss_mib()
   method, _, option = args.method.partition('+')
   if option not in ('', 'remat', 'remat_dots'):
@@ -69,7 +69,7 @@ def _worker(args) -> dict:
   })
   num_classes = 100
 
-  model, backbone = train.build_model(config, num_classes)
+  model, backbone = experiment.build_model(config, num_classes)
   images = jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32)
   rng = jax.random.PRNGKey(0)
 
@@ -79,11 +79,11 @@ def _worker(args) -> dict:
 
   # Shapes first, then one jitted init that returns the two halves: the full tree never exists
   # as a separate copy, and no second compile runs for the adapters' initialisation.
-  labels = partition.label_tree(jax.eval_shape(init_params, rng), train.label_rules(config))
+  labels = partition.label_tree(jax.eval_shape(init_params, rng), experiment.label_rules(config))
   delta, frozen = jax.jit(lambda r: partition.split(init_params(r), labels))(rng)
   delta_labels, _ = partition.split(labels, labels)
-  schedule = train.make_schedule(config)
-  tx = train.make_optimizer(config, delta_labels, schedule)
+  schedule = experiment.make_schedule(config)
+  tx = experiment.make_optimizer(config, delta_labels, schedule)
   opt_state = jax.jit(tx.init)(delta)
   step_fn = jax.jit(train.make_train_step(model, tx, schedule, num_classes=num_classes,
                                           label_smoothing=0.0, seed=0),

@@ -11,6 +11,8 @@ import pytest
 from vadapt import backbones
 from vadapt import checkpoint as ckpt_lib
 from vadapt import partition
+from vadapt import experiment
+from vadapt import export
 from vadapt import train
 from vadapt.pretrained import common as pretrained_common
 from config_overrides import load_config
@@ -71,7 +73,7 @@ def test_fingerprint_sees_paths_shapes_and_dtypes():
 
 
 def _backbone(config):
-  model, backbone = train.build_model(config, 10)
+  model, backbone = experiment.build_model(config, 10)
   # The run's backbone was a random init from config.seed (no checkpoint): rebuild the same one.
   backbone_params = backbones.load_params(config.backbone, backbone,
                                           rng=jax.random.fold_in(jax.random.PRNGKey(0), 1))
@@ -81,7 +83,7 @@ def _backbone(config):
 def test_exported_adapter_restores_the_trained_model(run, tmp_path):
   config, result, root = run
   model, backbone_params = _backbone(config)
-  path = train.export_adapter(config, str(root / 'work'), str(tmp_path / 'x.safetensors'))
+  path = export.export_adapter(config, str(root / 'work'), str(tmp_path / 'x.safetensors'))
   flat, meta = ckpt_lib.read_adapter(path)
   assert set(flat) == set(pretrained_common.flatten(result.delta))
   assert meta['adapter']['method'] == 'houlsby' and meta['step'] == 4

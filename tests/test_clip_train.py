@@ -11,6 +11,8 @@ from vadapt import backbones
 from vadapt import checkpoint as ckpt_lib
 from vadapt import partition
 from vadapt import tokenizer as tokenizer_lib
+from vadapt import clip_modes
+from vadapt import experiment
 from vadapt import train
 from vadapt.models import clip_classifier
 from vadapt.pretrained import common as pretrained_common
@@ -30,7 +32,7 @@ def _flat(tree):
 
 def _initial_params(config):
   """The backbone params the trainer started from (same seed-derived key)."""
-  model, backbone = train.build_model(config, 10, tuple(str(i) for i in range(10)))
+  model, backbone = experiment.build_model(config, 10, tuple(str(i) for i in range(10)))
   params = backbones.load_params(config.backbone, backbone,
                                  rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
   return model, backbone, params
@@ -127,7 +129,7 @@ def test_clip_adapter_ratio_zero_equals_zero_shot(tmp_path):
   config = get_config('clip_adapter_fewshot', 'test,ratio=0', total_steps=1,
                       eval_at_start=False)
   trained = train.train_and_evaluate(config, str(tmp_path / 'train'), export=False)
-  zs = train.zero_shot(config, str(tmp_path / 'zs'))
+  zs = clip_modes.zero_shot(config, str(tmp_path / 'zs'))
   assert trained.metrics['eval/accuracy'] == zs['zeroshot/accuracy']
   assert trained.metrics['eval/examples'] == zs['zeroshot/examples'] == 64
   with open(tmp_path / 'zs' / 'zeroshot.json') as f:
@@ -153,16 +155,16 @@ def test_zeroshot_and_tip_adapter_modes_through_main(tmp_path, capsys):
 def test_tip_adapter_alpha_zero_is_zero_shot():
   config = get_config('clip_adapter_fewshot', **{'clip.tip_search_split': '',
                                                  'clip.tip_alpha': 0.0})
-  result = train.tip_adapter(config)
+  result = clip_modes.tip_adapter(config)
   assert result['tip/accuracy'] == result['zeroshot/accuracy']
 
 
 def test_missing_class_names_are_a_clear_error():
   config = get_config('clip_b16_adapter')
   with pytest.raises(ValueError, match='class names'):
-    train.build_model(config, 10, None)
+    experiment.build_model(config, 10, None)
   with pytest.raises(ValueError, match='class names; found an empty list'):
-    train.build_model(config, 0, ())
+    experiment.build_model(config, 0, ())
   with pytest.raises(ValueError, match='exactly one'):
     clip_classifier.prompt_tokens(tokenizer_lib.default_tokenizer(), ['cat'], ['a photo'])
 

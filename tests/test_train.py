@@ -10,6 +10,7 @@ from vadapt import backbones
 from vadapt import checkpoint as ckpt_lib
 from vadapt import metrics as metrics_lib
 from vadapt import partition
+from vadapt import experiment
 from vadapt import train
 from vadapt.pretrained import common as pretrained_common
 from vadapt.pretrained import vit as vit_loader
@@ -165,7 +166,7 @@ def test_batch_size_not_divisible_by_devices(tmp_path):
 
 def test_unknown_method():
   with pytest.raises(ValueError, match="Unknown adapter.method 'lora_typo'"):
-    train.adapter_spec(get_config(**{'adapter.method': 'lora_typo'}))
+    experiment.adapter_spec(get_config(**{'adapter.method': 'lora_typo'}))
 
 
 def test_unknown_config_argument():
@@ -192,11 +193,11 @@ def test_resume_refuses_a_checkpoint_of_another_backbone(run):
 
 def test_labels_cover_delta_exactly():
   config = get_config()
-  model, backbone = train.build_model(config, 10)
+  model, backbone = experiment.build_model(config, 10)
   assert model is not backbone
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros(
       (1, 32, 32, 3), np.float32))['params'])
-  labels = partition.label_tree(shapes, train.label_rules(config))
+  labels = partition.label_tree(shapes, experiment.label_rules(config))
   delta, frozen = partition.split(shapes, labels)
   assert set(pretrained_common.flatten(delta)) == {
       k for k in pretrained_common.flatten(shapes) if '/adapter/' in k or k.startswith('head/')}

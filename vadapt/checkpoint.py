@@ -136,7 +136,7 @@ def load_adapter(path: str, model: nn.Module, backbone_params: Mapping[str, Any]
   """Puts an exported adapter onto a backbone; returns the full params for `model.apply`.
 
   Args:
-    path: the .safetensors file from `save_adapter` / `train.export_adapter`.
+    path: the .safetensors file from `save_adapter` / `export.export_adapter`.
     model: the adapted model (e.g. `api.adapt(backbone, **meta['adapter'])`).
     backbone_params: the pre-trained backbone's params (as loaded from its checkpoint).
     image_size: input side used to trace the model (default: the one stored in the file).

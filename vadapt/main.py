@@ -25,6 +25,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vadapt import clip_modes
+from vadapt import evaluate
+from vadapt import export
 from vadapt import retrieval
 from vadapt import train
 
@@ -51,13 +54,13 @@ def main(argv):
   if mode == 'train':
     train.train_and_evaluate(config, _WORKDIR.value)
   elif mode == 'eval':
-    train.evaluate(config, _WORKDIR.value)
+    evaluate.evaluate(config, _WORKDIR.value)
   elif mode == 'export':
-    train.export_adapter(config, _WORKDIR.value, _OUT.value)
+    export.export_adapter(config, _WORKDIR.value, _OUT.value)
   elif mode == 'zeroshot':
-    train.zero_shot(config, _WORKDIR.value)
+    clip_modes.zero_shot(config, _WORKDIR.value)
   elif mode == 'tip_adapter':
-    train.tip_adapter(config, _WORKDIR.value)
+    clip_modes.tip_adapter(config, _WORKDIR.value)
   elif mode == 'retrieval':
     retrieval.evaluate_retrieval(config, _WORKDIR.value)
   else:

@@ -102,7 +102,7 @@ def clip_backbone(config: ml_collections.ConfigDict):
   """(CLIP, params) for config.backbone.
 
   Built through backbones.make_model/load_params, so checkpoints, overrides and the random init
-  match the trainer's; unlike train._clip_backbone it needs no classification dataset (the
+  match the trainer's; unlike clip_modes._clip_backbone it needs no classification dataset (the
   classifier gets one placeholder class and is dropped).
   """
   cfg = config.backbone

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vadapt.models.vit import get_activation
+from vadapt.layers import get_activation
 
 Dtype = Any
 
@@ -60,7 +60,7 @@ class BottleneckAdapter(nn.Module):
     bottleneck: hidden width r (give this or reduction_factor, not both).
     reduction_factor: r = D // reduction_factor.
     out_features: output width; defaults to the input width D.
-    activation: a name known to vadapt.models.vit.get_activation ('relu', 'gelu', 'quick_gelu').
+    activation: a name known to vadapt.layers.get_activation ('relu', 'gelu', 'quick_gelu').
     layer_norm: LayerNorm on the input before the down-projection (Pfeiffer, AdaptFormer).
     dropout_rate: dropout after the activation.
     scale: multiplier on the output; the initial value when learnable_scale.

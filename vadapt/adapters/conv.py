@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from vadapt.adapters.bottleneck import bottleneck_width
 from vadapt.adapters.bottleneck import check_options
-from vadapt.models.vit import get_activation
+from vadapt.layers import get_activation
 
 Dtype = Any
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vadapt.layers import get_activation
 
 Dtype = Any
 
@@ -53,34 +55,13 @@ def get_remat_policy(name: str):
   return REMAT_POLICIES[name]
 
 
-def quick_gelu(x: jax.Array) -> jax.Array:
-  """CLIP's sigmoid approximation of GELU."""
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    # vit_jax and big_vision train with the tanh approximation (flax's default).
-    'gelu': lambda x: nn.gelu(x, approximate=True),
-    # Hugging Face's "gelu" is the exact erf form.
-    'gelu_exact': lambda x: nn.gelu(x, approximate=False),
-    'quick_gelu': quick_gelu,
-    'relu': nn.relu,
-}
-
-
-def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
-  if name not in ACTIVATIONS:
-    raise ValueError(f'Unknown activation {name!r}; known: {sorted(ACTIVATIONS)}.')
-  return ACTIVATIONS[name]
-
-
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> activation -> dropout -> Dense -> dropout.
 
   Attributes:
     mlp_dim: hidden width.
     out_dim: output width (defaults to the input width).
-    activation: a name in ACTIVATIONS.
+    activation: a name in vadapt.layers.ACTIVATIONS.
     dropout_rate: dropout after each Dense.
     dtype: compute dtype.
     param_dtype: parameter dtype.

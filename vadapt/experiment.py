@@ -1,0 +1,293 @@
+"""An experiment built from a config: the model, its label rules, optimizer and sharded state.
+
+Shared by every mode (training, evaluation, export, prediction): `setup(config)` loads the backbone,
+adds the adapters, splits the params into the trainable `delta` and the `frozen` backbone by the
+label rules, and places both on the device mesh. `restore_or_init` resumes the delta and optimizer
+state from a workdir's checkpoints, refusing ones trained on another backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from typing import Any, Optional
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from vadapt import api
+from vadapt import backbones
+from vadapt import checkpoint as ckpt_lib
+from vadapt import inject
+from vadapt import metrics as metrics_lib
+from vadapt import partition
+from vadapt import sharding as sharding_lib
+from vadapt.pretrained import common as pretrained_common
+
+ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv')
+METHODS = ADAPTER_METHODS + ('full', 'linear', 'clip_adapter')
+LOSSES = ('ce', 'contrastive')
+_ADAPTER_FIELDS = ('bottleneck', 'reduction_factor', 'layers', 'activation', 'scale',
+                   'learnable_scale', 'layer_norm', 'dropout')
+
+
+
+def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The adapter method and options, JSON-ready (stored in checkpoints and exported files)."""
+  method = config.adapter.method
+  if method not in METHODS:
+    raise ValueError(f'Unknown adapter.method {method!r}; expected one of {METHODS}.')
+  spec = {'method': method}
+  if method in ADAPTER_METHODS:
+    for name in _ADAPTER_FIELDS:
+      value = config.adapter.get(name)
+      spec[name] = list(value) if isinstance(value, tuple) else value
+    if config.adapter.get('scope'):
+      spec['scope'] = config.adapter.scope
+  if method == 'clip_adapter':
+    if config.backbone.model != 'clip':
+      raise ValueError(f"adapter.method='clip_adapter' needs backbone.model='clip'; found "
+                       f'{config.backbone.model!r}.')
+    spec['ratio'] = config.clip.ratio
+    spec['reduction'] = config.clip.reduction
+  return spec
+
+
+def loss_name(config: ml_collections.ConfigDict) -> str:
+  loss = config.get('loss', 'ce')
+  if loss not in LOSSES:
+    raise ValueError(f'Unknown loss {loss!r}; expected one of {LOSSES}.')
+  if loss == 'contrastive' and config.backbone.model != 'clip':
+    raise ValueError(f"loss='contrastive' needs backbone.model='clip' (image-text pairs); found "
+                     f'{config.backbone.model!r}.')
+  return loss
+
+
+def adapts_text_tower(spec: dict[str, Any]) -> bool:
+  """Whether the adapters reach CLIP's text tower (then the classifier is recomputed)."""
+  if spec['method'] not in ADAPTER_METHODS:
+    return False
+  from vadapt import placements  # pylint: disable=g-import-not-at-top
+  return re.fullmatch(spec.get('scope') or placements.DEFAULT_SCOPE, 'text/Transformer') is not None
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                class_names: Optional[tuple[str, ...]] = None) -> tuple[nn.Module, nn.Module]:
+  """Returns (model to train, plain backbone); the same module for 'full' and 'linear'.
+
+  CLIP backbones need the dataset's `class_names` (their classifier is built from them).
+  """
+  spec = adapter_spec(config)
+  kwargs = {}
+  if config.backbone.model == 'clip':
+    kwargs = dict(class_names=class_names, templates=tuple(config.clip.templates),
+                  recompute_text=adapts_text_tower(spec))
+  backbone = backbones.make_model(config.backbone, num_classes, **kwargs)
+  if spec['method'] == 'clip_adapter':
+    model = backbones.make_model(config.backbone, num_classes, clip_adapter_ratio=spec['ratio'],
+                                 clip_adapter_reduction=spec['reduction'], **kwargs)
+    return model, backbone
+  if spec['method'] not in ADAPTER_METHODS:
+    return backbone, backbone
+  kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != 'method'}
+  return api.adapt(backbone, method=spec['method'], **kwargs), backbone
+
+
+def label_rules(config: ml_collections.ConfigDict):
+  """Regex -> label rules. 'full' and 'linear' are rule sets, not separate code paths."""
+  method = adapter_spec(config)['method']
+  if method == 'full':
+    return [(r'.*', 'full')]
+  if method == 'linear':
+    return [(r'^head/', 'head'), (r'.*', 'frozen')]
+  return partition.default_rules(train_head=config.train_head)
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  peak = config.optimizer.learning_rate
+  warmup = min(config.schedule.warmup_steps, config.total_steps)
+  if config.schedule.decay == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup_steps=warmup, decay_steps=max(config.total_steps, warmup + 1),
+        end_value=peak * config.schedule.end_factor)
+  if config.schedule.decay == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup])
+  raise ValueError(f"Unknown schedule.decay {config.schedule.decay!r}; expected 'cosine' or "
+                   "'constant'.")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, delta_labels: Any,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Clipping over the whole delta, then one optimizer per trainable label."""
+  opt = config.optimizer
+  if opt.name == 'adamw':
+    base = lambda: optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+  elif opt.name == 'sgd':
+    base = lambda: optax.sgd(schedule, momentum=opt.momentum or None)
+  else:
+    raise ValueError(f"Unknown optimizer.name {opt.name!r}; expected 'adamw' or 'sgd'.")
+  trainable = sorted(set(jax.tree.leaves(delta_labels)) - {'frozen'})
+  tx = partition.make_optimizer(delta_labels, {label: base() for label in trainable})
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
+
+
+_distributed_initialized = False
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """jax.distributed.initialize from config.distributed (once; before any computation)."""
+  global _distributed_initialized
+  dist = config.get('distributed')
+  if not dist or not dist.initialize or _distributed_initialized:
+    return
+  kwargs = {}
+  if dist.coordinator_address:  # Empty: let JAX detect the cluster (TPU pods, SLURM, ...).
+    kwargs = dict(coordinator_address=dist.coordinator_address,
+                  num_processes=dist.num_processes, process_id=dist.process_id)
+  jax.distributed.initialize(**kwargs)
+  _distributed_initialized = True
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a mode needs: config, data info, mesh, model, labels, placed delta/frozen."""
+  config: ml_collections.ConfigDict
+  info: Any
+  mesh: Any
+  model: nn.Module
+  labels: Any
+  delta: Any
+  frozen: Any
+  delta_shardings: Any
+  frozen_shardings: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  meta: dict[str, Any]
+  param_table: str
+  counts: dict[str, int]
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Everything that can be checked before loading weights or compiling."""
+  adapter_spec(config)
+  loss_name(config)
+  sharding_lib.batch_size_per_shard(mesh, config.batch_size, 'batch_size')
+  sharding_lib.batch_size_per_shard(mesh, config.eval_batch_size, 'eval_batch_size')
+  if config.total_steps < 1:
+    raise ValueError(f'total_steps must be >= 1; found {config.total_steps}.')
+  if config.backbone.checkpoint:  # Before any data is read.
+    pretrained_common.require_file(config.backbone.checkpoint, 'backbone.checkpoint')
+
+
+def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Experiment:
+  devices = jax.devices()
+  n = config.mesh.get('num_devices', -1)
+  if n != -1:
+    if not 1 <= n <= len(devices):
+      raise ValueError(f'mesh.num_devices={n} but {len(devices)} devices are available.')
+    devices = devices[:n]
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  check_config(config, mesh)
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  info = input_pipeline.get_info(config.input)
+  model, backbone = build_model(config, info.num_classes, info.class_names)
+  images = jnp.zeros(backbones.sample_images(config.backbone).shape, jnp.float32)
+  rng = jax.random.PRNGKey(config.seed)
+
+  if not config.backbone.checkpoint and config.adapter.method != 'full':
+    logging.warning('backbone.checkpoint is empty: adapting a randomly initialised backbone '
+                    '(fine for tests; set it to a pre-trained .npz or .safetensors for real use).')
+  if load_weights:
+    backbone_params = backbones.load_params(config.backbone, backbone,
+                                            rng=jax.random.fold_in(rng, 1))
+  else:
+    backbone_params = jax.eval_shape(
+        lambda: backbone.init(rng, images, train=False)['params'])
+
+  if model is backbone:
+    init_fn = lambda rng, bb: bb
+  elif isinstance(model, inject.Adapted):
+    init_fn = lambda rng, bb: api.init_with_pretrained(model, bb, rng, images)
+  else:  # The backbone plus new modules of its own (CLIP-Adapter): create only what is missing.
+    init_fn = lambda rng, bb: model.apply({'params': bb}, images, train=False, rngs={'params': rng},
+                                          mutable=['params'])[1]['params']
+  abstract_params = jax.eval_shape(init_fn, rng, backbone_params)
+  labels = partition.label_tree(abstract_params, label_rules(config))
+  delta_abs, frozen_abs = partition.split(abstract_params, labels)
+  delta_labels, _ = partition.split(labels, labels)
+  if not jax.tree.leaves(delta_abs):
+    raise ValueError(f'Nothing to train: the label rules of method {config.adapter.method!r} '
+                     'mark every parameter frozen.')
+  shardings = functools.partial(sharding_lib.tree_shardings, mesh=mesh,
+                                rule=config.param_sharding,
+                                min_size=config.mesh.get('fsdp_min_size', 2 ** 14))
+  delta_sh, frozen_sh = shardings(delta_abs), shardings(frozen_abs)
+  bb_sh = shardings(backbone_params)
+
+  if load_weights:
+    # big_vision-style: shapes first, then one jitted init that lands every leaf where it belongs.
+    init = jax.jit(lambda rng, bb: partition.split(init_fn(rng, bb), labels),
+                   in_shardings=(sharding_lib.replicated(mesh), bb_sh),
+                   out_shardings=(delta_sh, frozen_sh))
+    delta, frozen = init(rng, backbone_params)
+  else:
+    delta, frozen = delta_abs, frozen_abs
+
+  schedule = make_schedule(config)
+  tx = make_optimizer(config, delta_labels, schedule)
+  counts = partition.count(abstract_params, labels)
+  table = partition.summary_table(abstract_params, labels)
+  meta = {
+      'adapter': adapter_spec(config),
+      'variant': config.backbone.variant,
+      'image_size': config.backbone.image_size,
+      'num_classes': info.num_classes,
+      'backbone_fingerprint': ckpt_lib.fingerprint(frozen_abs),
+      'backbone_checkpoint': os.path.abspath(config.backbone.checkpoint)
+                             if config.backbone.checkpoint else '',
+      'config': json.loads(config.to_json_best_effort()),
+  }
+  return Experiment(config=config, info=info, mesh=mesh, model=model, labels=labels,
+                     delta=delta, frozen=frozen, delta_shardings=delta_sh,
+                     frozen_shardings=frozen_sh, tx=tx, schedule=schedule, meta=meta,
+                     param_table=table, counts=counts)
+
+
+def opt_state_shardings(exp: Experiment):
+  abstract = jax.eval_shape(exp.tx.init, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.delta))
+  return sharding_lib.tree_shardings(abstract, exp.mesh, exp.config.param_sharding,
+                                     min_size=exp.config.mesh.get('fsdp_min_size', 2 ** 14))
+
+
+def preprocess_name(config: ml_collections.ConfigDict, split: str) -> str:
+  del split  # Train and eval share the normalisation; augmentation lives in config.input.
+  return config.get('preprocess', 'vit')
+
+
+def restore_or_init(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, opt_sh):
+  """(delta, opt_state, start_step): the latest checkpoint in the workdir, else a fresh state."""
+  opt_state = jax.jit(exp.tx.init, out_shardings=opt_sh)(exp.delta)
+  step = checkpointer.latest_step()
+  if step is None:
+    return exp.delta, opt_state, 0
+  meta = checkpointer.restore_meta(step)
+  if meta.get('backbone_fingerprint') != exp.meta['backbone_fingerprint']:
+    raise ckpt_lib.BackboneMismatchError(
+        f'The checkpoint at step {step} in {checkpointer.directory} was trained on another '
+        f'backbone (fingerprint {meta.get("backbone_fingerprint", "")[:16]}..., variant '
+        f'{meta.get("variant")!r}) than this config builds ({exp.meta["backbone_fingerprint"][:16]}'
+        f'..., variant {exp.meta["variant"]!r}): use a fresh workdir or the original config.')
+  delta, opt_state, _ = checkpointer.restore(step, exp.delta, opt_state)
+  metrics_lib.log(f'Resumed from the checkpoint at step {step} in {checkpointer.directory}.')
+  return delta, opt_state, step

@@ -26,7 +26,7 @@ from vadapt.inject import Adapted, Target
 __version__ = '0.1.0'
 
 _LAZY_SUBMODULES = (
-    'api', 'backbones', 'checkpoint', 'clip_modes', 'evaluate', 'experiment', 'export', 'inject',
+    'api', 'artifacts', 'backbones', 'checkpoint', 'clip_modes', 'evaluate', 'experiment', 'export', 'inject',
     'input_pipeline', 'layers', 'losses', 'metrics', 'placements',
     'retrieval', 'sharding', 'tokenizer', 'train', 'zeroshot', 'adapters', 'models', 'pretrained',
     'data',

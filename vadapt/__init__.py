@@ -26,10 +26,9 @@ from vadapt.inject import Adapted, Target
 __version__ = '0.1.0'
 
 _LAZY_SUBMODULES = (
-    'api', 'artifacts', 'backbones', 'checkpoint', 'clip_modes', 'evaluate', 'experiment', 'export', 'inject',
-    'input_pipeline', 'layers', 'losses', 'metrics', 'placements',
-    'retrieval', 'sharding', 'tokenizer', 'train', 'zeroshot', 'adapters', 'models', 'pretrained',
-    'data',
+    'api', 'artifacts', 'backbones', 'checkpoint', 'clip_modes', 'evaluate', 'experiment',
+    'export', 'inject', 'input_pipeline', 'layers', 'losses', 'metrics', 'placements', 'retrieval',
+    'sharding', 'tokenizer', 'train', 'zeroshot', 'adapters', 'models', 'pretrained', 'data',
 )
 
 

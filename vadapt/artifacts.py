@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from typing import Optional
 
 
 class ArtifactError(RuntimeError):
@@ -146,11 +147,21 @@ def _extract(artifact: _Artifact, package_file: str, tmp: str) -> str:
   return out
 
 
-def fetch(name: str) -> str:
-  """Fetches artifact `name` into the cache once; returns its folder there."""
+def _get(name: str) -> _Artifact:
   if name not in _ARTIFACTS:
     raise ValueError(f'Unknown artifact {name!r}; known: {sorted(_ARTIFACTS)}.')
-  artifact = _ARTIFACTS[name]
+  return _ARTIFACTS[name]
+
+
+def cached(name: str) -> Optional[str]:
+  """The cache folder of artifact `name` if it was fetched (checked), else None; never fetches."""
+  artifact = _get(name)
+  return os.path.join(cache_dir(), artifact.name) if _complete(artifact) else None
+
+
+def fetch(name: str) -> str:
+  """Fetches artifact `name` into the cache once; returns its folder there."""
+  artifact = _get(name)
   folder = os.path.join(cache_dir(), artifact.name)
   if _complete(artifact):
     return folder

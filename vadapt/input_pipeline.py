@@ -1,4 +1,4 @@
-"""Input pipeline: tfds, image folders or sklearn digits -> deterministic per-process batches.
+"""Input pipeline: tfds, image folders, Fashion-MNIST or digits -> deterministic per-process batches.
 
 Usage::
 
@@ -39,7 +39,7 @@ __all__ = [
     'get_info', 'load_tables', 'make_eval_iterator', 'make_train_iterator', 'prefetch_to_device',
 ]
 
-SOURCES = ('tfds', 'imagefolder', 'digits')
+SOURCES = ('tfds', 'imagefolder', 'digits', 'fashion_mnist')
 
 # tf.data runs on the host; keep TensorFlow off accelerators so it takes no memory from JAX.
 try:
@@ -52,12 +52,14 @@ except (RuntimeError, ValueError):  # Devices were initialised already, or the k
 def default_config() -> ml_collections.ConfigDict:
   """Every field the pipeline reads; None where unset. Safe to ``lock()``."""
   c = ml_collections.ConfigDict()
-  c.source = 'digits'          # 'tfds' | 'imagefolder' | 'digits'
+  c.source = 'digits'          # 'tfds' | 'imagefolder' | 'digits' | 'fashion_mnist'
   c.name = None                # tfds name, e.g. 'cifar10' or 'oxford_iiit_pet:4.*.*'
   c.data_dir = None            # tfds data_dir; None -> $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.train_split = 'train'      # split strings, slicing allowed: 'train[:800]', 'train[80%:]'
   c.eval_split = 'test'
-  c.path = None                # ImageFolder root: {train,val|test}/<class>/* or <class>/*
+  # ImageFolder root: {train,val|test}/<class>/* or <class>/*. Fashion-MNIST: a folder of idx
+  # files; None -> tfds's fashion_mnist if prepared in data_dir, else the vadapt artifact cache.
+  c.path = None
   c.val_fraction = 0.2         # ImageFolder without split folders: held-out share per class
   c.image_key = 'image'        # tfds feature names
   c.label_key = 'label'
@@ -110,7 +112,12 @@ def _load_split(cfg, split: str) -> Table:
                              image_key=_get(cfg, 'image_key', 'image'),
                              label_key=_get(cfg, 'label_key', 'label'))
   name, start, stop = splits.parse_split(split)
-  if source == 'digits':
+  if source == 'fashion_mnist':
+    kind, where = sources.fashion_mnist_location(_get(cfg, 'path'), _get(cfg, 'data_dir'))
+    if kind == 'tfds':
+      return sources.load_tfds('fashion_mnist', split, data_dir=where)
+    table = sources.load_idx(where, name, sources.FASHION_MNIST_CLASSES)
+  elif source == 'digits':
     table = sources.load_digits(name)
   elif source == 'imagefolder':
     table = sources.load_imagefolder(_get(cfg, 'path'), name, _get(cfg, 'val_fraction', 0.2))

@@ -1,4 +1,4 @@
-"""In-memory tables of labelled images, read from tfds, an image folder or scikit-learn digits.
+"""In-memory tables of labelled images: tfds, an image folder, MNIST-style idx files, sklearn digits.
 
 Every source is turned into a ``Table`` that can be indexed: random access is what makes the train
 stream a pure function of (seed, step), so a run can resume at any step in O(1). The pipeline
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import os
 import re
 from typing import Optional, Sequence
@@ -249,3 +250,87 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None, image_key: 
   return Table(images=array, labels=np.concatenate(labels).astype(np.int32),
                class_names=tuple(label_feature.names),
                kind='encoded' if encoded else 'pixels')
+
+
+# --------------------------------------------------------------------------------- Fashion-MNIST
+
+# tfds's fashion_mnist ClassLabel names (and Zalando's), indexed by label.
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+                         'Sneaker', 'Bag', 'Ankle boot')
+# Split name -> file prefix of the MNIST-family idx files.
+IDX_SPLITS = {'train': 'train', 'test': 't10k'}
+
+
+def idx_files(folder: str, split: str) -> tuple[str, str]:
+  """(images, labels) paths of `split` in an MNIST-style folder, gzip-compressed or not."""
+  if split not in IDX_SPLITS:
+    raise ValueError(f'MNIST-style idx folders have splits {sorted(IDX_SPLITS)}, got {split!r}.')
+  paths = []
+  for kind in ('images-idx3', 'labels-idx1'):
+    base = os.path.join(folder, f'{IDX_SPLITS[split]}-{kind}-ubyte')
+    found = [p for p in (base + '.gz', base) if os.path.isfile(p)]
+    if not found:
+      raise FileNotFoundError(f'Folder {folder!r} has no {os.path.basename(base)}.gz (nor the '
+                              f'uncompressed file): expected the idx files of split {split!r}.')
+    paths.append(found[0])
+  return paths[0], paths[1]
+
+
+def load_idx(folder: str, split: str, class_names: Sequence[str]) -> Table:
+  """An MNIST-format split (28x28 grey uint8 + uint8 labels) in file order, grey -> RGB."""
+  from vadapt.data import idx  # pylint: disable=g-import-not-at-top
+  images_path, labels_path = idx_files(folder, split)
+  images, labels = idx.read(images_path), idx.read(labels_path)
+  if images.ndim != 3 or images.dtype != np.uint8:
+    raise idx.IdxFormatError(f'{images_path}: expected uint8 images (N, H, W), found '
+                             f'{images.dtype} {images.shape}.')
+  if labels.ndim != 1 or labels.dtype != np.uint8:
+    raise idx.IdxFormatError(f'{labels_path}: expected uint8 labels (N,), found {labels.dtype} '
+                             f'{labels.shape}.')
+  if len(images) != len(labels):
+    raise idx.IdxFormatError(f'The idx files of split {split!r} disagree: {images_path} holds '
+                             f'{len(images):,} images but {labels_path} holds {len(labels):,} '
+                             'labels.')
+  if len(labels) and labels.max() >= len(class_names):
+    raise idx.IdxFormatError(f'{labels_path}: labels must lie in [0, {len(class_names)}), found '
+                             f'{int(labels.max())}.')
+  # The files are stored class-mixed (Fashion-MNIST, MNIST), so file order serves "the first n".
+  return Table(images=np.repeat(images[..., None], 3, axis=-1), labels=labels.astype(np.int32),
+               class_names=tuple(class_names), kind='pixels')
+
+
+def _tfds_default_dir() -> str:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.core.constants.DATA_DIR
+
+
+def fashion_mnist_location(path: Optional[str],
+                           data_dir: Optional[str]) -> tuple[str, Optional[str]]:
+  """Where Fashion-MNIST is read from: ('idx', folder) or ('tfds', data_dir).
+
+  In order: the idx files in `path` when it is set; tfds's `fashion_mnist` when it is prepared in
+  `data_dir`; the idx files that `python -m vadapt.artifacts` fetched into the vadapt cache.
+  tfds cannot prepare its builder from those files offline (the Debian package's archives are
+  recompressed, so tfds's registered checksums reject them), hence the direct idx reader.
+  """
+  if path:
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f'Fashion-MNIST folder {path!r} (config.path) does not exist.')
+    return 'idx', path
+  roots = [data_dir] if data_dir else [os.environ.get('TFDS_DATA_DIR'), _tfds_default_dir()]
+  roots = [os.path.expanduser(r) for r in roots if r]
+  # A prepared tfds version folder holds dataset_info.json (asking tfds.builder would also work,
+  # but it warns about every unprepared folder it looks at).
+  if any(glob.glob(os.path.join(r, 'fashion_mnist', '*', 'dataset_info.json')) for r in roots):
+    return 'tfds', data_dir
+  from vadapt import artifacts  # pylint: disable=g-import-not-at-top
+  cached = artifacts.cached('fashion_mnist')
+  if cached:
+    return 'idx', cached
+  raise DatasetNotPreparedError(
+      f'Fashion-MNIST was not found: config.path is unset, tfds fashion_mnist is not prepared in '
+      f'{" or ".join(map(repr, roots))} and the vadapt cache holds no idx '
+      'files. Run `python -m vadapt.artifacts` (fetches the Debian package dataset-fashion-mnist), '
+      'or set config.path to a folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] '
+      '(e.g. /usr/share/datasets/fashion-mnist), or config.data_dir to a tfds data_dir that holds '
+      'fashion_mnist.')

@@ -311,3 +311,113 @@ def test_unknown_method_lists_known(backbone):
 def test_adapt_needs_exactly_one_size(backbone, kwargs):
   with pytest.raises(ValueError, match='exactly one of bottleneck'):
     api.adapt(backbone[0], 'houlsby', **kwargs)
+
+
+class _Affine(nn.Module):
+  """A 'wrap' adapter for tests: runs the module on s * x and returns -(its output) + 1."""
+
+  @nn.compact
+  def __call__(self, args, kwargs, *, deterministic=True):
+    del deterministic
+    s = self.param('s', nn.initializers.constant(2.0), ())
+    return (s * args[0], *args[1:]), kwargs, lambda y: 1.0 - y
+
+
+class _AffineConfig:
+
+  def build(self, *, in_shape, out_shape, name, parent):
+    assert in_shape == (3, 16) and out_shape is None
+    return _Affine(name=name, parent=parent)
+
+
+def test_wrap_rewrites_the_call_outermost():
+  """'wrap' sees the call first and the result last; the module's own layers keep their paths."""
+  x = jax.random.normal(jax.random.key(0), (3, 8))
+  cfg = BottleneckConfig(bottleneck=2)
+  adapted = api.adapt(TinyNet(), targets=[inject.Target('fc2', _AffineConfig(), 'wrap', 'w'),
+                                          inject.Target('fc2', cfg, position='output')])
+  variables = jax.jit(adapted.init)(jax.random.key(1), x)
+  params = _perturb_adapters(variables['params'])
+  assert sorted(flatten(params)) == [
+      'fc1/bias', 'fc1/kernel', 'fc2/adapter/down/bias', 'fc2/adapter/down/kernel',
+      'fc2/adapter/up/bias', 'fc2/adapter/up/kernel', 'fc2/bias', 'fc2/kernel', 'fc2/w/s']
+  p = params
+  h = nn.relu(x @ p['fc1']['kernel'] + p['fc1']['bias'])
+  y = (2.0 * h) @ p['fc2']['kernel'] + p['fc2']['bias']
+  a = p['fc2']['adapter']
+  y = y + nn.relu(y @ a['down']['kernel'] + a['down']['bias']) @ a['up']['kernel'] + a['up']['bias']
+  np.testing.assert_allclose(adapted.apply({'params': params}, x), 1.0 - y, rtol=1e-6, atol=1e-6)
+
+
+class _ReturnsArgs(nn.Module):
+
+  def __call__(self, args, kwargs, *, deterministic=True):
+    return args, kwargs
+
+
+class _BadWrapConfig:
+
+  def build(self, *, in_shape, out_shape, name, parent):
+    return _ReturnsArgs(name=name, parent=parent)
+
+
+def test_wrap_adapter_must_return_args_kwargs_and_a_function():
+  adapted = api.adapt(TinyNet(), targets=[inject.Target('fc2', _BadWrapConfig(), 'wrap')])
+  with pytest.raises(TypeError, match=r"'wrap' adapter \(_ReturnsArgs on 'fc2'\) must return"):
+    jax.eval_shape(adapted.init, jax.random.key(0), jnp.ones((1, 8)))
+
+
+def _stack_layers(params, depth=2):
+  flat = flatten(params)
+  stacked = {k: v for k, v in flat.items() if 'encoderblock_' not in k}
+  for key in {k.replace('encoderblock_0/', 'encoderblock/') for k in flat if 'encoderblock_0/' in k}:
+    stacked[key] = jnp.stack([flat[key.replace('encoderblock/', f'encoderblock_{i}/')]
+                              for i in range(depth)])
+  return unflatten(stacked)
+
+
+def test_adapter_drop_drops_whole_layers_per_call(backbone):
+  """Every training call equals the model with the adapters of some subset of layers; each
+  subset occurs; the key decides it (fold_in(seed, step) in the trainer); eval keeps them all."""
+  model, bb_params = backbone
+  x = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
+  params = _perturb_adapters(api.init_with_pretrained(api.adapt(model, 'houlsby', bottleneck=8),
+                                                      bb_params, jax.random.key(4), x))
+  flat = flatten(params)
+  subsets = {(0, 1): None, (0,): None, (1,): None, (): None}
+  for kept in subsets:
+    sub = unflatten({k: v for k, v in flat.items()
+                     if '/adapter/' not in k or any(f'encoderblock_{i}/' in k for i in kept)})
+    m = api.adapt(model, 'houlsby', bottleneck=8, layers=kept) if kept else model
+    subsets[kept] = np.asarray(jax.jit(m.apply)({'params': sub}, x))
+  assert min(np.abs(a - b).max() for i, a in enumerate(subsets.values())
+             for b in list(subsets.values())[i + 1:]) > 1e-3
+
+  def which(out):
+    [kept] = [k for k, ref in subsets.items() if np.allclose(out, ref, rtol=1e-5, atol=1e-4)]
+    return kept
+
+  scan = api.adapt(vit.from_variant('mu/4', num_classes=10, scan=True), 'houlsby', bottleneck=8,
+                   drop_rate=0.5)
+  for adapted, p in ((api.adapt(model, 'houlsby', bottleneck=8, drop_rate=0.5), params),
+                     (scan, _stack_layers(params))):
+    run = jax.jit(lambda rng, p=p, m=adapted: m.apply({'params': p}, x, train=True,
+                                                        rngs={'dropout': rng}))
+    seen = [which(run(jax.random.fold_in(jax.random.key(0), step))) for step in range(24)]
+    assert set(seen) == set(subsets), seen
+    assert which(run(jax.random.fold_in(jax.random.key(0), 3))) == seen[3]
+    np.testing.assert_allclose(adapted.apply({'params': p}, x), subsets[(0, 1)],
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_adapter_drop_rejects_bad_rates_and_wrap_targets(backbone):
+  model, _ = backbone
+  with pytest.raises(ValueError, match=r'drop_rate \(AdapterDrop\) must be in \[0, 1\)'):
+    jax.eval_shape(api.adapt(model, 'houlsby', bottleneck=8, drop_rate=1.0).init,
+                   jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  adapted = inject.Adapted(TinyNet(), (inject.Target('fc2', _AffineConfig(), 'wrap'),),
+                           drop_rate=0.5)
+  x = jnp.ones((3, 8))
+  v = jax.jit(adapted.init)(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="cannot drop the 'wrap' adapter on 'fc2'"):
+    adapted.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)})

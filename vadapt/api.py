@@ -21,6 +21,7 @@ from vadapt import placements
 from vadapt.adapters.bottleneck import BottleneckConfig
 from vadapt.adapters.conv import ConvAdapterConfig
 from vadapt.inject import Adapted, Target
+from vadapt.inject import Adapted as _Adapted
 from vadapt.pretrained.common import check_matches, flatten, unflatten
 
 METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv')
@@ -34,7 +35,7 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
           activation: str = 'relu', scale: Optional[float] = None, learnable_scale: bool = False,
           layer_norm: Optional[bool] = None, dropout: float = 0.0,
           targets: Optional[Iterable[Union[Target, str]]] = None,
-          scope: Optional[str] = None) -> Adapted:
+          scope: Optional[str] = None, drop_rate: float = 0.0) -> Adapted:
   """Wraps `backbone` with adapters placed by `method`.
 
   Args:
@@ -54,12 +55,16 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
     scope: regex for the encoder whose blocks the transformer methods adapt; by default every
       module named 'Transformer' (both CLIP towers); e.g. 'vision/Transformer' for CLIP's image
       tower only.
+    drop_rate: AdapterDrop during training: each layer's adapters are left out of a training
+      call with this probability (see vadapt.inject).
 
   Returns:
     An inject.Adapted module; its backbone params keep their paths.
   """
   if method not in METHODS:
     raise ValueError(f'Unknown adaptation method {method!r}; known methods: {", ".join(METHODS)}.')
+  # Every model built below carries the AdapterDrop rate.
+  Adapted = functools.partial(_Adapted, drop_rate=drop_rate)  # pylint: disable=invalid-name
   targets = None if targets is None else tuple(targets)
   if targets is not None and all(isinstance(t, Target) for t in targets):
     given = {k: v for k, v in dict(bottleneck=bottleneck, reduction_factor=reduction_factor,

@@ -9,6 +9,25 @@ adapter as a child of that module (so its params land at e.g.
   'output'    y + adapter(y)            (Houlsby, Pfeiffer: before the residual add)
   'parallel'  y + adapter(x)            (AdaptFormer; x is the module's first argument)
   'input'     module(x + adapter(x))
+  'wrap'      args, kwargs, finish = adapter(args, kwargs); finish(module(*args, **kwargs))
+
+A 'wrap' adapter rewrites the module's call itself: it receives the positional arguments (a
+tuple) and keyword arguments (a dict), returns the arguments the module runs on, and a plain
+function that maps the module's output to the call's result (its output may be any pytree). This
+is how visual prompts change the sequence length: insert prompt tokens into a block's input and
+strip them from its output (vadapt.adapters.prompts). The adapter does not run the module itself
+because Flax creates a module's submodules under whichever module is running: the backbone's own
+layers must not end up inside the adapter. Wraps are outermost (first target outermost): the
+other positions see the rewritten arguments and the module's own output.
+
+AdapterDrop (Rueckle et al., 2021): with ``Adapted(..., drop_rate=r)`` each layer's adapters are
+dropped, all together, with probability r on every training call (never at evaluation). A layer
+is the nearest enclosing module named like a transformer block (``encoderblock`` or
+``encoderblock_{i}``, see LAYER_NAME), else the adapted module itself. The decision is drawn from
+the 'dropout' rng stream of that layer, so it is a function of the key the trainer passes
+(fold_in(seed, step): a resumed run drops the same layers), differs per layer under nn.scan, and
+a dropped adapter contributes exactly nothing: the module computes what the bare backbone does.
+'wrap' adapters change what the module computes (not a residual), so they cannot be dropped.
 
 Why a wrapper module rather than a context manager around ``apply``: the interceptor must be
 entered inside the traced code, or a jitted function traced once without it silently keeps
@@ -30,21 +49,30 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-POSITIONS = ('output', 'parallel', 'input')
+POSITIONS = ('output', 'parallel', 'input', 'wrap')
+
+# The module name of a transformer block, the unit AdapterDrop drops ('encoderblock' under nn.scan).
+LAYER_NAME = re.compile(r'encoderblock(?:_\d+)?')
 
 
 class AdapterConfig(Protocol):
   """What a Target needs from an adapter description (see vadapt.adapters)."""
 
-  def build(self, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...], name: str,
+  def build(self, *, in_shape: tuple[int, ...], out_shape: Optional[tuple[int, ...]], name: str,
             parent: nn.Module) -> nn.Module:
-    """A module mapping arrays of in_shape to out_shape, called as `m(x, deterministic=...)`."""
+    """A module mapping arrays of in_shape to out_shape, called as `m(x, deterministic=...)`.
+
+    For position 'wrap': in_shape is the module's first array argument's shape, out_shape is
+    None, and the module is called as `m(args, kwargs, deterministic=...)` and returns
+    `(args, kwargs, finish)` (see the module docstring).
+    """
 
 
 class TargetNotFoundError(ValueError):
@@ -64,7 +92,8 @@ class Target:
       r'Transformer/encoderblock_\\d+/MlpBlock_0'.
     adapter: the adapter's config (e.g. vadapt.adapters.BottleneckConfig); its widths come from
       the tensors it sees.
-    position: 'output' (y + a(y)), 'parallel' (y + a(x)) or 'input' (module(x + a(x))).
+    position: 'output' (y + a(y)), 'parallel' (y + a(x)), 'input' (module(x + a(x))) or
+      'wrap' (the adapter rewrites the module's arguments and output).
     name: the adapter's module name under the adapted module; distinct targets on the same
       module need distinct names.
   """
@@ -109,11 +138,16 @@ def _first_array(args, kwargs, path: str, position: str):
 class _Interceptor:
   """Holds one call's bookkeeping: which targets applied where, and every module path seen."""
 
-  def __init__(self, targets: tuple[Target, ...], deterministic: bool, prefix: tuple[str, ...]):
+  def __init__(self, targets: tuple[Target, ...], deterministic: bool, prefix: tuple[str, ...],
+               drop_rate: float = 0.0):
     self.targets = targets
     self.prefix = prefix  # The wrapper's own path: patterns are relative to the backbone.
     self.regexes = [re.compile(t.pattern) for t in targets]
     self.deterministic = deterministic
+    self.drop_rate = 0.0 if deterministic else drop_rate
+    # id(layer module) -> (module, keep): one AdapterDrop decision per layer and call. Keyed by
+    # the bound instance (held, so its id stays unique), which is new in every (re)trace.
+    self.keep: dict[int, tuple[nn.Module, jax.Array]] = {}
     self.applied: list[set[str]] = [set() for _ in targets]
     self.seen: dict[str, str] = {}  # path -> module class name
     self.active: set[str] = set()   # paths being adapted now (super().__call__, lifted wrappers)
@@ -145,14 +179,44 @@ class _Interceptor:
     finally:
       self.active.discard(path)
 
+  def _build(self, target: Target, module: nn.Module, in_shape, out_shape) -> nn.Module:
+    return target.adapter.build(in_shape=tuple(in_shape),
+                                out_shape=None if out_shape is None else tuple(out_shape),
+                                name=target.name, parent=module)
+
   def _run(self, target: Target, module: nn.Module, x, out_shape):
-    adapter = target.adapter.build(in_shape=tuple(x.shape), out_shape=tuple(out_shape),
-                                   name=target.name, parent=module)
+    adapter = self._build(target, module, x.shape, out_shape)
     self.in_adapter += 1
     try:
       return adapter(x, deterministic=self.deterministic)
     finally:
       self.in_adapter -= 1
+
+  def _wrap(self, target: Target, module: nn.Module, path: str, args, kwargs):
+    leaves = [a for a in (*args, *kwargs.values()) if isinstance(a, (jax.Array, np.ndarray))]
+    adapter = self._build(target, module, leaves[0].shape if leaves else (), None)
+    self.in_adapter += 1
+    try:
+      out = adapter(args, kwargs, deterministic=self.deterministic)
+    finally:
+      self.in_adapter -= 1
+    if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], tuple)
+            and isinstance(out[1], dict) and callable(out[2])):
+      raise TypeError(f'A \'wrap\' adapter ({type(adapter).__name__} on {path!r}) must return '
+                      f'(args tuple, kwargs dict, output function); found {type(out).__name__}.')
+    return out
+
+  def _layer_keep(self, module: nn.Module) -> jax.Array:
+    """AdapterDrop: whether this call keeps the adapters of `module`'s layer (a bool scalar)."""
+    layer = module
+    while isinstance(layer, nn.Module) and not LAYER_NAME.fullmatch(str(layer.name)):
+      layer = layer.parent
+    if not isinstance(layer, nn.Module):
+      layer = module  # No enclosing block: each adapted module is its own layer.
+    if id(layer) not in self.keep:
+      self.keep[id(layer)] = (layer, jax.random.bernoulli(layer.make_rng('dropout'),
+                                                          1.0 - self.drop_rate))
+    return self.keep[id(layer)][1]
 
   def _adapt(self, module, path, hits, next_fun, args, kwargs):
     targets = [self.targets[i] for i in hits]
@@ -162,12 +226,27 @@ class _Interceptor:
                        f'(patterns {[t.pattern for t in targets]}): give each a distinct name=.')
     for i in hits:
       self.applied[i].add(path)
+    wraps = [t for t in targets if t.position == 'wrap']
+    if wraps and self.drop_rate:
+      raise ValueError(f'AdapterDrop (drop_rate={self.drop_rate}) cannot drop the \'wrap\' '
+                       f'adapter on {path!r}: it rewrites the call (e.g. prompt tokens change the '
+                       'sequence length) rather than adding a residual. Use drop_rate=0.')
+    finishers = []
+    for t in wraps:
+      args, kwargs, finish = self._wrap(t, module, path, args, kwargs)
+      finishers.append(finish)
+    targets = [t for t in targets if t.position != 'wrap']
+    # A dropped adapter still runs (its params exist and shapes stay static) but adds exactly 0.
+    gate = lambda a: a
+    if targets and self.drop_rate:
+      keep = self._layer_keep(module)
+      gate = lambda a: jnp.where(keep, a, jnp.zeros_like(a))
     x = None
     if any(t.position in ('input', 'parallel') for t in targets):
       x = _first_array(args, kwargs, path, 'input/parallel')
     for t in targets:
       if t.position == 'input':
-        new_x = x + self._run(t, module, x, x.shape)
+        new_x = x + gate(self._run(t, module, x, x.shape))
         # Self-attention gets the same array as query and key/value: adapt every copy of it.
         args = tuple(new_x if a is x else a for a in args)
         kwargs = {k: new_x if v is x else v for k, v in kwargs.items()}
@@ -179,7 +258,9 @@ class _Interceptor:
         raise TypeError(f'An {t.position!r} adapter on {path!r} needs the module to return one '
                         f'array; it returned {type(y).__name__}.')
       src = y if t.position == 'output' else x
-      y = y + self._run(t, module, src, y.shape)
+      y = y + gate(self._run(t, module, src, y.shape))
+    for finish in reversed(finishers):
+      y = finish(y)
     return y
 
   def check(self) -> None:
@@ -217,14 +298,19 @@ class Adapted(nn.Module):
   Attributes:
     backbone: the unmodified Flax model (compact where adapters go).
     targets: where and how to add adapters (see Target and vadapt.placements).
+    drop_rate: AdapterDrop: the probability that a layer's adapters are left out of a training
+      call (drawn per layer and call from the 'dropout' rng); 0 keeps every adapter.
   """
   backbone: nn.Module
   targets: tuple[Target, ...]
+  drop_rate: float = 0.0
 
   def setup(self):
     if not isinstance(self.targets, tuple) or not all(isinstance(t, Target) for t in self.targets):
       raise TypeError(f'Adapted.targets must be a tuple of vadapt.inject.Target; found '
                       f'{self.targets!r}.')
+    if not 0.0 <= self.drop_rate < 1.0:
+      raise ValueError(f'drop_rate (AdapterDrop) must be in [0, 1); found {self.drop_rate!r}.')
     # Backbone params stay at their own paths: the wrapper adds no prefix.
     nn.share_scope(self, self.backbone)
 
@@ -235,7 +321,7 @@ class Adapted(nn.Module):
   def call_method(self, method: str, *args, **kwargs):
     """Calls `backbone.<method>(*args, **kwargs)` with adapters (e.g. a CLIP model's encoder)."""
     interceptor = _Interceptor(self.targets, deterministic=not _is_train(kwargs),
-                               prefix=tuple(str(p) for p in self.path))
+                               prefix=tuple(str(p) for p in self.path), drop_rate=self.drop_rate)
     with nn.intercept_methods(interceptor):
       out = getattr(self.backbone, method)(*args, **kwargs)
     # Every target must fire on a full forward pass; another method (a CLIP model's encode_text)

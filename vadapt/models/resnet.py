@@ -1,4 +1,7 @@
-"""ResNet v1.5 in compact Flax linen, with the flax imagenet example's parameter names.
+"""ResNet v1.5 (or v1) in compact Flax linen, with the flax imagenet example's parameter names.
+
+Padding is PyTorch's (k // 2 on each side, also for the stem's max-pool), so torchvision, timm and
+Hugging Face checkpoints (vadapt.pretrained.resnet) give the same outputs as in PyTorch.
 
 Parameter layout::
 
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
+_PAD3 = ((1, 1), (1, 1))  # PyTorch's padding=1 (not 'SAME', which pads (0, 1) at stride 2).
 
 
 class ResNetBlock(nn.Module):
@@ -46,9 +50,9 @@ class ResNetBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     residual = x
-    y = self.conv(self.filters, (3, 3), self.strides, name='Conv_0')(x)
+    y = self.conv(self.filters, (3, 3), self.strides, padding=_PAD3, name='Conv_0')(x)
     y = nn.relu(self.norm(name='BatchNorm_0')(y))
-    y = self.conv(self.filters, (3, 3), name='Conv_1')(y)
+    y = self.conv(self.filters, (3, 3), padding=_PAD3, name='Conv_1')(y)
     # Zero-init last BN scale: each block starts as identity (Goyal et al., 2017).
     y = self.norm(scale_init=nn.initializers.zeros, name='BatchNorm_1')(y)
     if residual.shape != y.shape:
@@ -64,19 +68,24 @@ class BottleneckResNetBlock(nn.Module):
     filters: bottleneck channels (output has 4x as many).
     conv: convolution constructor.
     norm: BatchNorm constructor.
-    strides: stride of the 3x3 conv and the projection.
+    strides: stride of the 3x3 conv (v1.5) or the first 1x1 conv (v1), and the projection.
+    downsample_in_bottleneck: stride on the first 1x1 conv (ResNet v1, Hugging Face's
+      `downsample_in_bottleneck=True`) instead of the 3x3 conv.
   """
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   strides: tuple[int, int] = (1, 1)
+  downsample_in_bottleneck: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     residual = x
-    y = self.conv(self.filters, (1, 1), name='Conv_0')(x)
+    s1, s3 = ((self.strides, (1, 1)) if self.downsample_in_bottleneck
+              else ((1, 1), self.strides))
+    y = self.conv(self.filters, (1, 1), s1, name='Conv_0')(x)
     y = nn.relu(self.norm(name='BatchNorm_0')(y))
-    y = self.conv(self.filters, (3, 3), self.strides, name='Conv_1')(y)
+    y = self.conv(self.filters, (3, 3), s3, padding=_PAD3, name='Conv_1')(y)
     y = nn.relu(self.norm(name='BatchNorm_1')(y))
     y = self.conv(self.filters * 4, (1, 1), name='Conv_2')(y)
     y = self.norm(scale_init=nn.initializers.zeros, name='BatchNorm_2')(y)
@@ -85,6 +94,9 @@ class BottleneckResNetBlock(nn.Module):
       residual = self.norm(name='norm_proj')(residual)
     return nn.relu(residual + y)
 
+
+# Images smaller than the total stride leave no spatial extent for the last stage.
+MIN_IMAGE_SIZE = 32
 
 BasicBlock = ResNetBlock
 BottleneckBlock = BottleneckResNetBlock
@@ -102,6 +114,8 @@ class ResNet(nn.Module):
       usual choice when the trunk is frozen: batch_stats then never change).
     bn_momentum: BatchNorm running-average momentum.
     bn_epsilon: BatchNorm epsilon.
+    downsample_in_bottleneck: bottleneck blocks stride their first 1x1 conv (ResNet v1) instead
+      of the 3x3 conv (v1.5, torchvision's and Hugging Face's default).
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -112,6 +126,7 @@ class ResNet(nn.Module):
   freeze_batch_norm: bool = False
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  downsample_in_bottleneck: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -121,6 +136,9 @@ class ResNet(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'Expected images of shape (batch, height, width, channels); found shape '
                        f'{tuple(x.shape)}.')
+    if min(x.shape[1:3]) < MIN_IMAGE_SIZE:
+      raise ValueError(f'ResNet downsamples by {MIN_IMAGE_SIZE}: images must be at least '
+                       f'{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}; found {x.shape[1]}x{x.shape[2]}.')
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     norm = functools.partial(
@@ -130,13 +148,14 @@ class ResNet(nn.Module):
     x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
              name='conv_init')(x.astype(self.dtype))
     x = nn.relu(norm(name='bn_init')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD3)
     k = 0
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+        extra = ({'downsample_in_bottleneck': True} if self.downsample_in_bottleneck else {})
         x = self.block_cls(self.num_filters * 2**i, conv=conv, norm=norm, strides=strides,
-                           name=f'{self.block_cls.__name__}_{k}')(x)
+                           name=f'{self.block_cls.__name__}_{k}', **extra)(x)
         k += 1
     x = jnp.mean(x, axis=(1, 2))
     if self.num_classes is not None:

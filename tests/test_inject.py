@@ -303,8 +303,8 @@ def test_two_targets_one_name_on_one_module():
 
 
 def test_unknown_method_lists_known(backbone):
-  with pytest.raises(ValueError, match="Unknown adaptation method 'lora'.*houlsby, pfeiffer"):
-    api.adapt(backbone[0], 'lora', bottleneck=8)
+  with pytest.raises(ValueError, match="Unknown adaptation method 'lorra'.*houlsby, pfeiffer"):
+    api.adapt(backbone[0], 'lorra', bottleneck=8)
 
 
 @pytest.mark.parametrize('kwargs', [{}, {'bottleneck': 8, 'reduction_factor': 4}])

@@ -30,3 +30,50 @@ def test_trainable_counts_match_the_readme(backbone, method):
     stats = partition.stats(params, partition.label_tree(
         params, partition.default_rules(train_head=train_head)))
     assert (stats.trainable, stats.total) == (expected, total)
+
+
+# Weight-space methods with their defaults (LoRA/DoRA: r=8 on query and value), ViT-B/16, 1000
+# classes: (trainable with the head, with the head frozen, total).
+WEIGHT_METHOD_FIGURES = {
+    'lora': (1_063_912, 294_912, 86_862_568),
+}
+# Published: Hu et al. count r=8 on W_q and W_v of ViT-B as 12 x 2 x (768 x 8 + 8 x 768).
+LORA_B16_QV_R8 = 294_912
+
+
+def _b16_params(method, **options):
+  model = vadapt.adapt(vit.from_variant('B/16', num_classes=1000), method, **options)
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
+
+
+def _rules(method, train_head):
+  return (partition.bitfit_rules(train_head) if method == 'bitfit'
+          else partition.default_rules(train_head=train_head))
+
+
+@pytest.mark.parametrize('method', sorted(WEIGHT_METHOD_FIGURES))
+def test_weight_method_counts_match_the_readme(method):
+  params = _b16_params(method)
+  with_head, head_frozen, total = WEIGHT_METHOD_FIGURES[method]
+  for train_head, expected in ((True, with_head), (False, head_frozen)):
+    stats = partition.stats(params, partition.label_tree(params, _rules(method, train_head)))
+    assert (stats.trainable, stats.total) == (expected, total)
+
+
+def _peft_trainable(config):
+  """Trainable parameters peft adds to Hugging Face's ViT-B/16, built on the meta device."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  with torch.device('meta'):
+    model = transformers.ViTModel(transformers.ViTConfig(), add_pooling_layer=False)
+    model = pytest.importorskip('peft').get_peft_model(model, config)
+  return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_count_matches_the_paper_and_peft():
+  peft = pytest.importorskip('peft')
+  params = _b16_params('lora', rank=8, alpha=16)
+  ours = partition.count(params, partition.label_tree(params, _rules('lora', False)))
+  assert ours['adapter'] == LORA_B16_QV_R8
+  theirs = _peft_trainable(peft.LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))
+  assert theirs == LORA_B16_QV_R8

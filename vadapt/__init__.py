@@ -27,7 +27,8 @@ __version__ = '0.1.0'
 
 _LAZY_SUBMODULES = (
     'api', 'artifacts', 'backbones', 'checkpoint', 'clip_modes', 'evaluate', 'experiment',
-    'export', 'inject', 'input_pipeline', 'layers', 'losses', 'metrics', 'placements', 'retrieval',
+    'export', 'inject', 'input_pipeline', 'layers', 'losses', 'merge', 'metrics', 'placements',
+    'retrieval',
     'sharding', 'tokenizer', 'train', 'zeroshot', 'adapters', 'models', 'pretrained', 'data',
 )
 

@@ -20,11 +20,14 @@ import jax.numpy as jnp
 from vadapt import placements
 from vadapt.adapters.bottleneck import BottleneckConfig
 from vadapt.adapters.conv import ConvAdapterConfig
+from vadapt.adapters.lora import LoRAConfig
 from vadapt.inject import Adapted, Target
 from vadapt.inject import Adapted as _Adapted
 from vadapt.pretrained.common import check_matches, flatten, unflatten
 
-METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv')
+# Methods that change what a layer's weights compute; vadapt.merge folds them into the backbone.
+WEIGHT_METHODS = ('lora',)
+METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv') + WEIGHT_METHODS
 
 # AdaptFormer's defaults for the parallel methods (Chen et al., 2022): s = 0.1, LayerNorm inside.
 _PARALLEL_DEFAULTS = {'scale': 0.1, 'layer_norm': True}
@@ -35,13 +38,16 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
           activation: str = 'relu', scale: Optional[float] = None, learnable_scale: bool = False,
           layer_norm: Optional[bool] = None, dropout: float = 0.0,
           targets: Optional[Iterable[Union[Target, str]]] = None,
-          scope: Optional[str] = None, drop_rate: float = 0.0) -> Adapted:
+          scope: Optional[str] = None, drop_rate: float = 0.0, rank: Optional[int] = None,
+          alpha: Optional[float] = None,
+          modules: Optional[Iterable[str]] = None) -> Adapted:
   """Wraps `backbone` with adapters placed by `method`.
 
   Args:
     backbone: a Flax model; ViT/CLIP blocks for the transformer methods, vadapt.models.resnet
       for 'conv', or any compact model with explicit `targets`.
-    method: 'houlsby', 'pfeiffer', 'parallel' (AdaptFormer), 'parallel_attn' or 'conv'.
+    method: 'houlsby', 'pfeiffer', 'parallel' (AdaptFormer), 'parallel_attn', 'conv', or a
+      weight-space method: 'lora'.
     bottleneck: adapter hidden width (give this or reduction_factor).
     reduction_factor: hidden width = input width // reduction_factor.
     layers: None (all blocks), block indices, or placements.skip_lowest(k). Not for scan models.
@@ -57,6 +63,11 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
       tower only.
     drop_rate: AdapterDrop during training: each layer's adapters are left out of a training
       call with this probability (see vadapt.inject).
+    rank: LoRA rank r (default 8).
+    alpha: LoRA scale numerator: the update is alpha / rank * B A (default alpha = rank).
+    modules: the block layers a weight-space method adapts, names from
+      placements.BLOCK_LAYERS ('query', 'key', 'value', 'out', 'fc1', 'fc2', 'norm1',
+      'norm2'); LoRA defaults to ('query', 'value').
 
   Returns:
     An inject.Adapted module; its backbone params keep their paths.
@@ -73,6 +84,17 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
       raise ValueError(f'Options {sorted(given)} would be ignored: the given Targets already '
                        'carry their adapter configs.')
     return Adapted(backbone=backbone, targets=targets)
+  if method in WEIGHT_METHODS:
+    return _adapt_weights(Adapted, backbone, method, rank=rank, alpha=alpha, dropout=dropout,
+                          modules=modules, layers=layers, targets=targets, scope=scope,
+                          unused=dict(bottleneck=bottleneck, reduction_factor=reduction_factor,
+                                      scale=scale, layer_norm=layer_norm,
+                                      learnable_scale=learnable_scale or None))
+  unused = {k: v for k, v in dict(rank=rank, alpha=alpha, modules=modules).items()
+            if v is not None}
+  if unused:
+    raise ValueError(f'Options {sorted(unused)} apply to the weight-space methods '
+                     f'{WEIGHT_METHODS}, not to {method!r}.')
 
   parallel = method in ('parallel', 'parallel_attn')
   defaults = _PARALLEL_DEFAULTS if parallel else {'scale': 1.0, 'layer_norm': False}
@@ -114,6 +136,33 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
         'scan=False (same weights, unstacked) to adapt a subset of blocks.')
   return Adapted(backbone=backbone, targets=placements.PLACEMENTS[method](
       config, layers=layers, scope=placements.DEFAULT_SCOPE if scope is None else scope))
+
+
+def _adapt_weights(make, backbone, method, *, rank, alpha, dropout, modules, layers, targets,
+                   scope, unused) -> _Adapted:
+  """adapt() for the weight-space methods: one config, placed by name or by explicit regexes."""
+  unused = sorted(k for k, v in unused.items() if v is not None)
+  if unused:
+    raise ValueError(f'Options {unused} do not apply to method {method!r} (they configure '
+                     'bottleneck adapters).')
+  config = LoRAConfig(rank=8 if rank is None else rank, alpha=alpha, dropout=dropout)
+  position = 'parallel'
+  if targets is not None:
+    if layers is not None or modules is not None:
+      raise ValueError('layers and modules select block layers for the default placement; with '
+                       'explicit targets put the selection into the patterns.')
+    bad = [t for t in targets if not isinstance(t, str)]
+    if bad:
+      raise TypeError(f'targets must all be Targets or all be regex strings; found {bad[:3]}.')
+    return make(backbone=backbone, targets=tuple(
+        Target(pattern=p, adapter=config, position=position, name=method) for p in targets))
+  if layers is not None and getattr(backbone, 'scan', False):
+    raise ValueError(f'layers={layers!r} selects blocks, but this backbone runs its blocks under '
+                     'nn.scan (scan=True): build it with scan=False to adapt a subset of blocks.')
+  scope = placements.DEFAULT_SCOPE if scope is None else scope
+  return make(backbone=backbone, targets=placements.lora(
+      config, modules=('query', 'value') if modules is None else tuple(modules), layers=layers,
+      scope=scope, name=method))
 
 
 def _cast_like(tree: Mapping[str, Any], abstract: Mapping[str, Any]) -> dict[str, Any]:

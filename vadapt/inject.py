@@ -115,6 +115,11 @@ class Target:
     if not callable(getattr(self.adapter, 'build', None)):
       raise TypeError(f'Target adapter must be a config with a build(...) method (e.g. '
                       f'vadapt.adapters.BottleneckConfig); found {type(self.adapter).__name__}.')
+    # Weight-space adapters (LoRA: y + s B A x) only make sense at some positions.
+    allowed = getattr(self.adapter, 'positions', POSITIONS)
+    if self.position not in allowed:
+      raise ValueError(f'{type(self.adapter).__name__} goes at position {" or ".join(allowed)}; '
+                       f'found position={self.position!r} for {self.pattern!r}.')
 
 
 def _is_compact(context) -> bool:

@@ -36,14 +36,29 @@ def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
+# Module names adapters are created under (a Target's name): bottleneck adapters, then the
+# weight-space methods (vadapt.adapters.lora, dora, ssf, ia3).
+ADAPTER_NAMES = ('adapter', 'lora', 'dora', 'ssf', 'ia3')
+
+
 def default_rules(train_head: bool = True, *,
-                  adapter_names: Sequence[str] = ('adapter',)) -> list[tuple[str, str]]:
-  """Adapters (path segments named like a Target's name, 'adapter' by default) train, the
+                  adapter_names: Sequence[str] = ADAPTER_NAMES) -> list[tuple[str, str]]:
+  """Adapters (path segments named like a Target's name, ADAPTER_NAMES by default) train, the
   classifier head trains unless train_head=False, everything else is frozen."""
   names = '|'.join(re.escape(n) for n in adapter_names)
   return [
       (rf'(?:^|/)(?:{names})/', 'adapter'),
       (r'^head/', 'head' if train_head else FROZEN),
+      (r'.*', FROZEN),
+  ]
+
+
+def bitfit_rules(train_head: bool = True) -> list[tuple[str, str]]:
+  """BitFit (Ben Zaken et al., 2022): every bias (dense, conv and LayerNorm) trains, and the
+  head unless train_head=False; the rest is frozen."""
+  return [
+      (r'^head/', 'head' if train_head else FROZEN),
+      (r'(?:^|/)bias$', 'bias'),
       (r'.*', FROZEN),
   ]
 

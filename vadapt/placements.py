@@ -100,6 +100,38 @@ def parallel_attn(adapter: BottleneckConfig, *, layers: Layers = None,
   return at(ATTENTION, adapter, position='parallel', layers=layers, scope=scope)
 
 
+# Layers inside a block by short name (peft's ViT names in parentheses): the targets of the
+# weight-space methods (LoRA, DoRA, SSF, (IA)³).
+BLOCK_LAYERS = {
+    'query': f'{ATTENTION}/query',
+    'key': f'{ATTENTION}/key',
+    'value': f'{ATTENTION}/value',
+    'out': f'{ATTENTION}/out',        # (attention.output.dense)
+    'fc1': f'{MLP}/Dense_0',          # (intermediate.dense)
+    'fc2': f'{MLP}/Dense_1',          # (output.dense)
+    'norm1': 'LayerNorm_0',
+    'norm2': 'LayerNorm_1',
+}
+
+
+def layer_pattern(modules) -> str:
+  """Regex for the named layers of a block, e.g. ('query', 'value')."""
+  if isinstance(modules, str) or not modules:
+    raise TypeError(f'modules must be a non-empty sequence of layer names from '
+                    f'{sorted(BLOCK_LAYERS)}; found {modules!r}.')
+  unknown = [m for m in modules if m not in BLOCK_LAYERS]
+  if unknown:
+    raise ValueError(f'Unknown block layers {unknown}; known: {sorted(BLOCK_LAYERS)}.')
+  return '(?:' + '|'.join(BLOCK_LAYERS[m] for m in dict.fromkeys(modules)) + ')'
+
+
+def lora(adapter, *, modules=('query', 'value'), layers: Layers = None,
+         scope: str = DEFAULT_SCOPE, name: str = 'lora') -> tuple[Target, ...]:
+  """LoRA (or DoRA) parallel to the named layers; query and value by default (Hu et al., peft)."""
+  return at(layer_pattern(modules), adapter, position='parallel', layers=layers, scope=scope,
+            name=name)
+
+
 # ResNet blocks as named by vadapt.models.resnet (and the flax imagenet example).
 RESNET_BLOCKS = r'(?:.+/)?(?:Bottleneck)?ResNetBlock_\d+'
 

@@ -2,6 +2,7 @@
 
 from vadapt.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, bottleneck_width
 from vadapt.adapters.conv import ConvAdapter, ConvAdapterConfig
+from vadapt.adapters.lora import LoRA, LoRAConfig
 
-__all__ = ['BottleneckAdapter', 'BottleneckConfig', 'ConvAdapter', 'ConvAdapterConfig',
-           'bottleneck_width']
+__all__ = ['BottleneckAdapter', 'BottleneckConfig', 'ConvAdapter', 'ConvAdapterConfig', 'LoRA',
+           'LoRAConfig', 'bottleneck_width']

@@ -1,0 +1,271 @@
+"""Weight-space methods (LoRA, ...): identity at init, training touches only the delta, merging
+into the bare backbone and unmerging, nn.scan/remat, other layer kinds, CLIP's towers, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vadapt import api, inject, merge, partition
+from vadapt.adapters import BottleneckConfig
+from vadapt.adapters.lora import LoRAConfig
+from vadapt.models import clip, vit
+from vadapt.pretrained.common import flatten, unflatten
+
+ATT, MLP = 'MultiHeadDotProductAttention_0', 'MlpBlock_0'
+# Merged outputs must match the adapted model within this relative error (f32).
+MERGE_RTOL = 1e-6
+
+
+def _golden(leaves, blocks=(0, 1)):
+  return {f'Transformer/encoderblock_{i}/{m}/{leaf}': shape
+          for i in blocks for m, m_leaves in leaves.items() for leaf, shape in m_leaves.items()}
+
+
+# mu/4: width 32, 2 heads of 16, MLP 64, depth 2.
+QKV_LORA4 = {'lora/a': (32, 4), 'lora/b': (4, 2, 16)}
+METHODS = {
+    # method: (adapt() options, golden adapter leaves of the default placement)
+    'lora': (dict(rank=4, alpha=8), _golden({f'{ATT}/query': QKV_LORA4,
+                                             f'{ATT}/value': QKV_LORA4})),
+}
+# Every layer kind a method supports (DenseGeneral q/k/v and out, Dense): for merge tests.
+ALL_LAYERS = {
+    'lora': dict(modules=('query', 'key', 'value', 'out', 'fc1', 'fc2')),
+}
+
+
+@pytest.fixture(scope='module')
+def backbone():
+  """mu/4 with 'pre-trained' weights: a random head, so gradients reach the adapters."""
+  model = vit.from_variant('mu/4', num_classes=10)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))['params']
+  params['head']['kernel'] = jax.random.normal(jax.random.key(1), params['head']['kernel'].shape)
+  return model, params
+
+
+@pytest.fixture(scope='module')
+def batch():
+  images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
+  labels = jax.random.randint(jax.random.key(3), (8,), 0, 10)
+  return images, labels
+
+
+def _apply(model, params, x):
+  return jax.jit(lambda p, x: model.apply({'params': p}, x))(params, x)
+
+
+def _is_adapter(path):
+  return any(f'/{n}/' in path for n in partition.ADAPTER_NAMES)
+
+
+def _perturb(params, seed=0):
+  """Trained-looking adapters: every adapter leaf moved off its initial value."""
+  flat = flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(flat))
+  return unflatten({k: v + 0.1 * jax.random.normal(key, v.shape) if _is_adapter(k) else v
+                    for key, (k, v) in zip(keys, flat.items())})
+
+
+def _merge(model, params):
+  return jax.jit(lambda p: merge.merge(model, p))(params)
+
+
+def _unmerge(model, bare, adapters):
+  return jax.jit(lambda b, a: merge.unmerge(model, b, a))(bare, adapters)
+
+
+def _rel_err(a, b):
+  return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+
+
+def _train(model, params, batch, rules, steps=4):
+  """Adam on the trainable labels, gradients over the delta alone; returns (params, losses)."""
+  images, targets = batch
+  labels = partition.label_tree(params, rules)
+  delta, frozen = partition.split(params, labels)
+  delta_labels, _ = partition.split(labels, labels)
+  tx = partition.make_optimizer(delta_labels, {
+      label: optax.adam(1e-2) for label in set(jax.tree.leaves(delta_labels))})
+  opt_state = tx.init(delta)
+
+  def loss_fn(p):
+    logits = model.apply({'params': p}, images, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  @jax.jit
+  def step(delta, opt_state):
+    loss, grads = partition.value_and_grad_delta(loss_fn)(delta, frozen)
+    updates, opt_state = tx.update(grads, opt_state, delta)
+    return optax.apply_updates(delta, updates), opt_state, loss
+
+  losses = []
+  for _ in range(steps):
+    delta, opt_state, loss = step(delta, opt_state)
+    losses.append(float(loss))
+  return partition.merge(delta, frozen), losses
+
+
+@pytest.mark.parametrize('method', sorted(METHODS))
+def test_identity_at_init_training_and_frozen_leaves(method, backbone, batch):
+  model, bb_params = backbone
+  images, _ = batch
+  options, golden = METHODS[method]
+  adapted = api.adapt(model, method, **options)
+  params = api.init_with_pretrained(adapted, bb_params, jax.random.key(4), images)
+  assert {k: v.shape for k, v in flatten(params).items() if _is_adapter(k)} == golden
+  np.testing.assert_array_equal(_apply(adapted, params, images), _apply(model, bb_params, images))
+
+  trained, losses = _train(adapted, params, batch, partition.default_rules(train_head=False))
+  assert losses[-1] < losses[0], losses
+  before, after = flatten(params), flatten(trained)
+  for path, value in before.items():
+    if not _is_adapter(path):
+      np.testing.assert_array_equal(after[path], value, err_msg=path)
+  assert all(not np.array_equal(after[p], before[p]) for p in golden if p.endswith('/b'))
+
+
+@pytest.mark.parametrize('method', sorted(ALL_LAYERS))
+def test_merge_matches_adapted_model_and_unmerge_restores(method, backbone, batch):
+  model, bb_params = backbone
+  images, _ = batch
+  adapted = api.adapt(model, method, **{**METHODS[method][0], **ALL_LAYERS[method]})
+  params = _perturb(api.init_with_pretrained(adapted, bb_params, jax.random.key(4), images))
+  want = _apply(adapted, params, images)
+  assert _rel_err(want, _apply(model, bb_params, images)) > 1e-2  # The adapters do something.
+
+  bare = _merge(adapted, params)
+  assert jax.tree.map(jnp.shape, bare) == jax.tree.map(jnp.shape, bb_params)
+  assert _rel_err(_apply(model, bare, images), want) < MERGE_RTOL
+
+  restored = _unmerge(adapted, bare, merge.adapter_params(adapted, params))
+  flat_restored, flat_params = flatten(restored), flatten(params)
+  assert set(flat_restored) == set(flat_params)
+  for path, value in flat_params.items():
+    if _is_adapter(path) or not path.endswith('kernel'):
+      np.testing.assert_array_equal(flat_restored[path], value, err_msg=path)
+    else:  # Subtracting the folded update again: within one rounding of the merged kernel.
+      merged = flatten(bare)[path]
+      ulp = np.spacing(np.abs(np.asarray(merged, np.float32))).max()
+      assert np.abs(flat_restored[path] - value).max() <= ulp, path
+
+
+def test_merge_and_unmerge_refuse_wrong_input(backbone, batch):
+  model, bb_params = backbone
+  images, _ = batch
+  adapted = api.adapt(model, 'lora', rank=2)
+  params = api.init_with_pretrained(adapted, bb_params, jax.random.key(4), images)
+  bare = merge.merge(adapted, params)
+  with pytest.raises(ValueError, match='Nothing to merge.*merged already'):
+    merge.merge(adapted, bare)
+  with pytest.raises(ValueError, match='never merged'):
+    merge.unmerge(adapted, params, params)
+  with pytest.raises(ValueError, match='holds no adapter parameters'):
+    merge.unmerge(adapted, bare, {})
+  houlsby = api.adapt(model, 'houlsby', bottleneck=4)
+  with pytest.raises(ValueError, match=r"Only weight-space adapters.*\['BottleneckConfig'\]"):
+    merge.merge(houlsby, api.init_with_pretrained(houlsby, bb_params, jax.random.key(4), images))
+  with pytest.raises(TypeError, match='inject.Adapted'):
+    merge.merge(model, params)
+
+
+def test_lora_bad_options(backbone):
+  model, _ = backbone
+  x = jnp.zeros((1, 32, 32, 3))
+  for rank in (0, -1, 2.5):
+    with pytest.raises(ValueError, match='rank must be a positive integer'):
+      api.adapt(model, 'lora', rank=rank)
+  with pytest.raises(ValueError, match=r"rank 33 is larger than the layer's width.*\(32, 2, 16\)"
+                                       r".*rank <= 32"):
+    jax.eval_shape(api.adapt(model, 'lora', rank=33).init, jax.random.key(0), x)
+  with pytest.raises(TypeError, match=r"LoRA needs a layer with a kernel.*'Transformer/"
+                                      r"encoderblock_0/LayerNorm_0' is a LayerNorm"):
+    jax.eval_shape(api.adapt(model, 'lora', modules=('norm1',)).init, jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"LoRAConfig goes at position parallel; found "
+                                       r"position='output'"):
+    inject.Target('.*/query', LoRAConfig(rank=2), position='output')
+  with pytest.raises(ValueError, match=r"Unknown block layers \['qkv'\]"):
+    api.adapt(model, 'lora', modules=('qkv',))
+  with pytest.raises(ValueError, match=r"Options \['bottleneck'\] do not apply to method 'lora'"):
+    api.adapt(model, 'lora', bottleneck=8)
+  with pytest.raises(ValueError, match=r"Options \['rank'\] apply to the weight-space methods"):
+    api.adapt(model, 'houlsby', bottleneck=8, rank=4)
+
+
+def test_scan_remat_and_loop_agree_and_merge(backbone):
+  model, bb_params = backbone
+  x = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
+  loop = api.adapt(model, 'lora', rank=4, modules=('query', 'out', 'fc2'))
+  params = _perturb(api.init_with_pretrained(loop, bb_params, jax.random.key(4), x))
+  flat = flatten(params)
+  stacked = {k: v for k, v in flat.items() if 'encoderblock_' not in k}
+  for key in {k.replace('encoderblock_0/', 'encoderblock/') for k in flat if 'encoderblock_0/' in k}:
+    stacked[key] = jnp.stack([flat[key.replace('encoderblock/', f'encoderblock_{i}/')]
+                              for i in range(2)])
+  stacked = unflatten(stacked)
+  scan_model = vit.from_variant('mu/4', num_classes=10, scan=True, remat=True)
+  scan = api.adapt(scan_model, 'lora', rank=4, modules=('query', 'out', 'fc2'))
+  assert jax.tree.map(jnp.shape, jax.eval_shape(scan.init, jax.random.key(0), x)['params']) == (
+      jax.tree.map(jnp.shape, stacked))
+  want = _apply(loop, params, x)
+  np.testing.assert_allclose(_apply(scan, stacked, x), want, rtol=1e-5, atol=1e-5)
+  # Merging works on the stacked layout too (leading layer axis on every leaf).
+  assert _rel_err(_apply(scan_model, _merge(scan, stacked), x), want) < 1e-5
+
+
+class FusedNet(nn.Module):
+  """A compact model with a strided conv stem and a fused qkv projection (as in DINOv2/timm)."""
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    del train
+    x = nn.Conv(8, (3, 3), strides=(2, 2), padding='SAME', name='stem')(x)
+    x = x.reshape(x.shape[0], -1, 8)
+    q, k, v = jnp.split(nn.Dense(24, name='qkv')(x), 3, axis=-1)
+    attn = jax.nn.softmax(q @ k.swapaxes(-1, -2) / np.sqrt(8), axis=-1)
+    return nn.Dense(5, name='proj')((attn @ v).mean(axis=1))
+
+
+def test_lora_on_conv_and_fused_qkv():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  net = FusedNet()
+  bb = jax.jit(net.init)(jax.random.key(1), x)['params']
+  adapted = api.adapt(net, 'lora', rank=2, alpha=4, targets=['stem', 'qkv'])
+  params = api.init_with_pretrained(adapted, bb, jax.random.key(2), x)
+  assert {k: v.shape for k, v in flatten(params).items() if '/lora/' in k} == {
+      'stem/lora/a': (3, 3, 3, 2), 'stem/lora/b': (2, 8),
+      'qkv/lora/a': (8, 2), 'qkv/lora/b': (2, 24)}
+  np.testing.assert_array_equal(_apply(adapted, params, x), _apply(net, bb, x))
+  params = _perturb(params)
+  want = _apply(adapted, params, x)
+  assert _rel_err(want, _apply(net, bb, x)) > 1e-2
+  assert _rel_err(_apply(net, _merge(adapted, params), x), want) < MERGE_RTOL
+
+
+def test_lora_on_both_clip_towers():
+  model = clip.from_config('tiny')
+  images, tokens = clip.dummy_inputs(model, batch=2)
+  images = jax.random.normal(jax.random.key(3), images.shape)
+  bb = jax.jit(model.init)(jax.random.key(0), images, tokens)['params']
+  adapted = api.adapt(model, 'lora', rank=2)
+  params = api.init_with_pretrained(adapted, bb, jax.random.key(1), images, tokens)
+  towers = {k.split('/')[0] for k in flatten(params) if '/lora/' in k}
+  assert towers == {'vision', 'text'}
+  run = lambda m, p: jax.jit(lambda p: m.apply({'params': p}, images, tokens))(p)
+  for got, want in zip(run(adapted, params), run(model, bb)):
+    np.testing.assert_array_equal(got, want)
+  params = _perturb(params)
+  for got, want in zip(run(model, _merge(adapted, params)), run(adapted, params)):
+    assert _rel_err(got, want) < 1e-5
+
+
+def test_unmergeable_target_in_custom_list_is_named(backbone):
+  model, _ = backbone
+  targets = [inject.Target(f'.*/{ATT}/query', LoRAConfig(rank=2), position='parallel',
+                           name='lora'),
+             inject.Target(f'.*/{MLP}', BottleneckConfig(bottleneck=2))]
+  adapted = api.adapt(model, targets=targets)
+  with pytest.raises(ValueError, match='MlpBlock_0'):
+    merge.merge(adapted, {})

@@ -1,0 +1,127 @@
+"""LoRA (Hu et al., 2022): a trained low-rank update of a frozen kernel, y = x W + b + s x A B.
+
+Placed at position 'parallel' on a Dense, DenseGeneral or Conv (inject computes y + adapter(x)).
+``A`` has the kernel's input axes and rank r (``a``: in_dims + (r,), the frozen layer's own op
+with r output features, so a Conv gets a conv A and DenseGeneral out (H, D/H, D) an (H, D/H, r)
+A); ``B`` maps r to the output axes (``b``: (r,) + out_dims, e.g. (r, H, D/H) for a query).
+A starts as PyTorch's/peft's kaiming-uniform, B at zero: the adapted model equals its backbone
+at init, bit for bit. s = alpha / r. Dropout acts on x before A, as in peft.
+
+``merge`` folds s A B into the kernel (vadapt.merge); ``unmerge`` subtracts it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vadapt.adapters import frozen
+
+
+def check_rank(rank: Any) -> None:
+  if isinstance(rank, bool) or int(rank) != rank or rank < 1:
+    raise ValueError(f'LoRA rank must be a positive integer; found {rank!r}.')
+
+
+def lora_delta(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...], scale: float):
+  """s * A B shaped like the kernel (lead + in + out), A: lead + in + (r,), B: lead + (r,) + out."""
+  n_lead = a.ndim + b.ndim - 2 - len(kernel_shape)
+  lead, r = a.shape[:n_lead], a.shape[-1]
+  if n_lead < 0 or b.shape[n_lead] != r or b.shape[:n_lead] != lead:
+    raise ValueError(f'LoRA factors {a.shape} and {b.shape} do not fit a kernel {kernel_shape}.')
+  a2 = a.reshape(lead + (-1, r)).astype(jnp.float32)
+  b2 = b.reshape(lead + (r, -1)).astype(jnp.float32)
+  delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
+  if math.prod(delta.shape) != math.prod(kernel_shape):
+    raise ValueError(f'LoRA factors {a.shape} and {b.shape} do not fit a kernel {kernel_shape}.')
+  return scale * delta.reshape(kernel_shape)
+
+
+class LoRA(nn.Module):
+  """The low-rank branch s * B(A(dropout(x))) of the frozen layer it is created under.
+
+  Attributes:
+    rank: r.
+    scale: s (alpha / r).
+    dropout_rate: dropout on the input of A.
+    param_dtype: parameter dtype.
+  """
+  rank: int
+  scale: float = 1.0
+  dropout_rate: float = 0.0
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    layer = self.parent
+    w = frozen.kernel(layer, 'LoRA')
+    n_out = frozen.out_ndim(layer)
+    in_dims, out_dims = w.shape[:-n_out], w.shape[-n_out:]
+    width = min(math.prod(in_dims), math.prod(out_dims))
+    if self.rank > width:
+      raise ValueError(
+          f'LoRA rank {self.rank} is larger than the layer\'s width: '
+          f'{"/".join(str(p) for p in layer.path)!r} has a kernel {tuple(w.shape)} '
+          f'({math.prod(in_dims)} in, {math.prod(out_dims)} out); use rank <= {width}.')
+    a = self.param('a', frozen.fan_in_uniform(), in_dims + (self.rank,), self.param_dtype)
+    b = self.param('b', nn.initializers.zeros, (self.rank,) + out_dims, self.param_dtype)
+    h = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    h = frozen.apply_with_kernel(layer, a, h)
+    y = jnp.tensordot(h, b.astype(h.dtype), axes=1)
+    return (y * self.scale).astype(x.dtype) if self.scale != 1.0 else y.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Serialisable description of LoRA; one config serves every targeted layer.
+
+  Attributes:
+    rank: r, a positive integer no larger than any targeted layer's width.
+    alpha: the update is scaled by alpha / rank; None means alpha = rank (scale 1, peft's
+      default r=8, alpha=8).
+    dropout: dropout rate on the layer input of the low-rank branch.
+  """
+  rank: int = 8
+  alpha: Optional[float] = None
+  dropout: float = 0.0
+
+  positions = ('parallel',)
+
+  def __post_init__(self):
+    check_rank(self.rank)
+    if self.alpha is not None and not self.alpha > 0:
+      raise ValueError(f'LoRA alpha must be positive; found {self.alpha!r}.')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f'dropout must be in [0, 1); found {self.dropout!r}.')
+
+  @property
+  def scale(self) -> float:
+    return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+  def build(self, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...], name: str,
+            parent: nn.Module) -> LoRA:
+    del in_shape, out_shape  # Shapes come from the frozen layer's kernel.
+    return LoRA(rank=self.rank, scale=self.scale, dropout_rate=self.dropout, name=name,
+                parent=parent)
+
+  def merge(self, layer: dict[str, Any], adapter: dict[str, Any], position: str) -> dict:
+    """The layer's params with s A B added to its kernel."""
+    del position
+    kernel = layer['kernel']
+    delta = lora_delta(adapter['a'], adapter['b'], kernel.shape, self.scale)
+    return {**layer, 'kernel': (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
+
+  def unmerge(self, layer: dict[str, Any], adapter: dict[str, Any], position: str) -> dict:
+    """The inverse of merge up to rounding: the kernel minus s A B."""
+    del position
+    kernel = layer['kernel']
+    delta = lora_delta(adapter['a'], adapter['b'], kernel.shape, self.scale)
+    return {**layer, 'kernel': (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)}
+
+  def to_dict(self) -> dict[str, Any]:
+    return {'kind': 'lora', **dataclasses.asdict(self)}

@@ -1,0 +1,142 @@
+"""Folding weight-space adapters into the frozen weights, and taking them out again.
+
+LoRA, DoRA, SSF and (IA)³ change only what a linear layer computes, so after training they can be
+merged into its kernel (and bias): the result is a params tree for the bare backbone, run with
+``model.backbone.apply`` at zero inference overhead.
+
+  bare = merge.merge(model, params)                       # adapters folded in, adapter leaves gone
+  logits = model.backbone.apply({'params': bare}, images)
+  params = merge.unmerge(model, bare, merge.adapter_params(model, params))   # adapters back
+
+Both are pure functions over param trees; ``model`` is the ``inject.Adapted`` the params belong to
+(its targets say which adapter config sits where). Each adapter config implements
+``merge(layer, adapter, position)`` and ``unmerge(...)`` on the layer's own params. Where several
+adapters adapt one layer they are folded in the order the interceptor applies them ('input'
+adapters first, then the others in target order) and taken out in reverse.
+
+Unmerging subtracts (or divides) again, so it restores the kernel up to rounding, not bit for bit:
+keep the frozen tree (``partition.split``) when the exact original is needed. DoRA cannot be
+unmerged: its merged kernel no longer holds the column norms it was normalised by.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from vadapt.inject import Adapted
+from vadapt.pretrained.common import flatten, unflatten
+
+
+def _located(model: Adapted, flat: Mapping[str, Any]):
+  """{(layer path, target index): {leaf path within the adapter: full path}}."""
+  found: dict[tuple[str, int], dict[str, str]] = {}
+  regexes = [re.compile(t.pattern) for t in model.targets]
+  for path in flat:
+    parts = path.split('/')
+    for i, target in enumerate(model.targets):
+      for j in range(len(parts) - 1):
+        if parts[j] == target.name and regexes[i].fullmatch('/'.join(parts[:j])):
+          found.setdefault(('/'.join(parts[:j]), i), {})['/'.join(parts[j + 1:])] = path
+          break
+  return found
+
+
+def _check_mergeable(model: Adapted) -> None:
+  if not isinstance(model, Adapted):
+    raise TypeError(f'merge needs the inject.Adapted model the params belong to (from '
+                    f'vadapt.adapt); found {type(model).__name__}.')
+  bad = [t for t in model.targets if not callable(getattr(t.adapter, 'merge', None))]
+  if bad:
+    kinds = sorted({type(t.adapter).__name__ for t in bad})
+    raise ValueError(f'Only weight-space adapters (LoRA, DoRA, SSF, (IA)³) can be merged; this '
+                     f'model also has {kinds} at {[t.pattern for t in bad][:3]}, which add '
+                     'non-linear modules of their own.')
+
+
+def _order(located, targets) -> list[tuple[str, int]]:
+  """Per layer: 'input' adapters first, then the rest in target order (how inject applies them)."""
+  return sorted(located, key=lambda k: (k[0], targets[k[1]].position != 'input', k[1]))
+
+
+def _layer_params(flat: Mapping[str, Any], layer: str) -> dict[str, Any]:
+  prefix = f'{layer}/' if layer else ''
+  return {k[len(prefix):]: v for k, v in flat.items()
+          if k.startswith(prefix) and '/' not in k[len(prefix):]}
+
+
+def adapter_params(model: Adapted, params: Mapping[str, Any]) -> dict[str, Any]:
+  """The adapters' leaves of `params` (as nested dict), e.g. to unmerge later."""
+  flat = flatten(params)
+  located = _located(model, flat)
+  return unflatten({full: flat[full] for leaves in located.values() for full in leaves.values()})
+
+
+def merge(model: Adapted, params: Mapping[str, Any]) -> dict[str, Any]:
+  """Folds every adapter of `model` into the layer it adapts; returns bare-backbone params.
+
+  Raises:
+    ValueError: a target is not mergeable (a bottleneck adapter), or the params hold no
+      adapter leaves (already merged, or params of another model).
+  """
+  _check_mergeable(model)
+  flat = flatten(params)
+  located = _located(model, flat)
+  if not located:
+    raise ValueError(
+        'Nothing to merge: the params hold no adapter parameters of this model (expected leaves '
+        f'under {sorted({t.name for t in model.targets})} at {[t.pattern for t in model.targets][:3]}'
+        '). Were they merged already?')
+  missing = [t.pattern for i, t in enumerate(model.targets) if not any(k[1] == i for k in located)]
+  if missing:
+    raise ValueError(f'The params hold no adapter for targets {missing}: merge needs the params '
+                     'of the whole adapted model (some adapters seem merged or removed already).')
+  for layer, i in _order(located, model.targets):
+    target = model.targets[i]
+    leaves = located[(layer, i)]
+    adapter = unflatten({k: flat[full] for k, full in leaves.items()})
+    new = target.adapter.merge(_layer_params(flat, layer), adapter, target.position)
+    for full in leaves.values():
+      del flat[full]
+    for k, v in new.items():
+      flat[f'{layer}/{k}'] = v
+  return unflatten(flat)
+
+
+def unmerge(model: Adapted, merged: Mapping[str, Any],
+            adapters: Mapping[str, Any]) -> dict[str, Any]:
+  """Takes the adapters out of merged params; returns params for `model` (adapters included).
+
+  Args:
+    model: the adapted model.
+    merged: bare-backbone params from `merge`.
+    adapters: a tree holding the adapters' leaves (from `adapter_params`, or the trained delta;
+      other leaves in it are ignored).
+
+  Raises:
+    ValueError: `merged` still holds adapter leaves (it was never merged), `adapters` holds none,
+      or an adapter cannot be unmerged (DoRA).
+  """
+  _check_mergeable(model)
+  flat = flatten(merged)
+  if _located(model, flat):
+    raise ValueError('These params still hold adapter parameters: they were never merged (or the '
+                     'adapters were added back already), so there is nothing to unmerge.')
+  flat_adapters = flatten(adapters)
+  located = _located(model, flat_adapters)
+  if not located:
+    raise ValueError('`adapters` holds no adapter parameters of this model; pass '
+                     'merge.adapter_params(model, params) or the trained delta.')
+  for layer, i in reversed(_order(located, model.targets)):
+    target = model.targets[i]
+    unmerge_fn = getattr(target.adapter, 'unmerge', None)
+    if unmerge_fn is None:
+      raise ValueError(f'{type(target.adapter).__name__} at {layer!r} cannot be unmerged.')
+    leaves = located[(layer, i)]
+    adapter = unflatten({k: flat_adapters[full] for k, full in leaves.items()})
+    restored = unmerge_fn(_layer_params(flat, layer), adapter, target.position)
+    for k, v in restored.items():
+      flat[f'{layer}/{k}'] = v
+    for full in leaves.values():
+      flat[full] = flat_adapters[full]
+  return unflatten(flat)

@@ -46,6 +46,8 @@ def _worker(args) -> dict:
   from vadapt import api, experiment, partition, train  # pylint: disable=g-import-not-at-top
   rss_imports = _rss_mib()
   method, _, option = args.method.partition('+')
+  if method == 'forward':
+    return _forward_worker(args, rss_imports)
   if option not in ('', 'remat', 'remat_dots'):
     raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat' or "
                      "'remat_dots'.")
@@ -53,10 +55,7 @@ def _worker(args) -> dict:
   # The config is built here rather than from configs/common.py, whose input pipeline pulls in
   # TensorFlow: its ~0.5 GiB would count in every method's peak RSS.
   config = ml_collections.ConfigDict({
-      'backbone': {'model': 'vit', 'variant': args.variant, 'image_size': args.image_size,
-                   'dtype': 'float32', 'dropout_rate': 0.0, 'remat': bool(option),
-                   'remat_policy': 'dots' if option == 'remat_dots' else 'nothing',
-                   'overrides': {}},
+      'backbone': _backbone_config(args, option),
       'adapter': {'method': method, 'bottleneck': args.bottleneck,
                   'reduction_factor': None, 'layers': None, 'activation': 'relu', 'scale': None,
                   'learnable_scale': False, 'layer_norm': None, 'dropout': 0.0},
@@ -132,6 +131,44 @@ def _worker(args) -> dict:
   }
 
 
+def _backbone_config(args, option: str = '') -> dict:
+  return {'model': 'vit', 'variant': args.variant, 'image_size': args.image_size,
+          'dtype': args.dtype, 'dropout_rate': 0.0, 'remat': bool(option),
+          'remat_policy': 'dots' if option == 'remat_dots' else 'nothing',
+          'overrides': {'patch_size': args.patch_size} if args.patch_size else {}}
+
+
+def _forward_worker(args, rss_imports: float) -> dict:
+  """Inference only: the bare backbone's jitted forward pass (what serving costs)."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  from vadapt import backbones  # pylint: disable=g-import-not-at-top
+  model = backbones.make_model(ml_collections.ConfigDict(_backbone_config(args)), 100)
+  images = jnp.asarray(np.random.default_rng(0).normal(
+      size=(args.batch_size, args.image_size, args.image_size, 3)), jnp.float32)
+  params = jax.jit(lambda r: model.init(r, images[:1], train=False)['params'])(
+      jax.random.PRNGKey(0))
+  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  start = time.perf_counter()
+  compiled = fwd.lower(params, images).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(params, images))
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params, images))
+    times.append(time.perf_counter() - start)
+  sec = float(np.median(times))
+  total = sum(x.size for x in jax.tree.leaves(params))
+  return {'method': 'forward', 'remat': False, 'trainable': 0, 'total': total,
+          'sec_per_step': sec, 'img_per_sec': args.batch_size / sec, 'compile_s': compile_s,
+          'xla_step_mib': None, 'rss_imports_mib': rss_imports,
+          'rss_before_step_mib': rss_imports, 'peak_rss_mib': _rss_mib(), 'loss': float('nan'),
+          'tensorflow_loaded': 'tensorflow' in sys.modules}
+
+
 def _machine() -> str:
   cpu = 'unknown CPU'
   try:
@@ -154,7 +191,8 @@ def _ratio(a, b) -> str:
 
 def _table(results: list[dict], args) -> str:
   base = next((r for r in results if r['method'] == 'full'), results[0])
-  header = (f'ViT-{args.variant} at {args.image_size}px, batch {args.batch_size}, f32, median of '
+  header = (f'ViT-{args.variant} at {args.image_size}px, batch {args.batch_size}, {args.dtype}, '
+            f'median of '
             f'{args.steps} steps after one compile step; bottleneck {args.bottleneck}; XLA:CPU '
             f'scheduler: {args.xla_cpu_scheduler}. Ratios are against `{base["method"]}` from '
             'the same run.\n\n')
@@ -192,6 +230,9 @@ def main() -> None:
   parser.add_argument('--variant', default='B/16')
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--patch_size', type=int, default=0, help='Overrides the variant patch.')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help='Compute dtype (params and optimizer state stay float32).')
   parser.add_argument('--bottleneck', type=int, default=64)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--methods', default=','.join(METHODS),
@@ -216,6 +257,7 @@ def main() -> None:
     cmd = [sys.executable, os.path.abspath(__file__), f'--method={method}',
            f'--variant={args.variant}', f'--image_size={args.image_size}',
            f'--batch_size={args.batch_size}', f'--bottleneck={args.bottleneck}',
+           f'--patch_size={args.patch_size}', f'--dtype={args.dtype}',
            f'--steps={args.steps}']
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]

@@ -1,0 +1,203 @@
+r"""vadapt against the PyTorch tools a user would pick instead, side by side on this machine.
+
+  bash benchmarks/peers/setup.sh          # once: benchmarks/peers/.venv (torch CPU, transformers,
+                                          # AdapterHub adapters, peft)
+  python benchmarks/peers/compare.py --out=benchmarks/results/peers_cpu
+  python benchmarks/peers/compare.py --suites=Ti4 --modes=forward,houlsby --rounds=1   # quick
+
+For every suite (model, resolution, batch) and mode, one vadapt process (benchmarks/train_step.py:
+the trainer's own step, or the jitted forward) and one PyTorch process
+(benchmarks/peers/peer_step.py: transformers ViT with adapters/peft) run one after the other,
+alternating which goes first, for `--rounds` rounds. The figure per side is the median over
+rounds of each process's median step time. Same model shapes, batch, bottleneck 64, 100 classes,
+AdamW with global-norm clipping, 2 threads on both sides. The machine's matmul limit is measured
+first in both environments (benchmarks/peers/matmul.py). Writes <out>.md, <out>.json and, where
+matplotlib is installed, <out>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PEER_PYTHON = os.path.join(HERE, '.venv', 'bin', 'python')
+
+# name -> (variant, patch override, image size, batch)
+SUITES = {
+    'B16': ('B/16', 0, 224, 8),
+    'Ti4': ('Ti/16', 4, 32, 64),
+}
+MODES = ('forward', 'full', 'pfeiffer', 'houlsby', 'parallel', 'lora')
+MEMORY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
+def _result(cmd: list[str], env: dict) -> dict:
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  if proc.returncode or not lines:
+    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    return {'error': f'exit {proc.returncode}: {tail[:300]}'}
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def _vadapt_cmd(suite, mode, args):
+  variant, patch, size, batch = SUITES[suite]
+  return [sys.executable, os.path.join(ROOT, 'benchmarks', 'train_step.py'), f'--method={mode}',
+          f'--variant={variant}', f'--patch_size={patch}', f'--image_size={size}',
+          f'--batch_size={batch}', f'--steps={args.steps}', f'--dtype={args.dtype}']
+
+
+def _peer_cmd(suite, mode, args):
+  variant, patch, size, batch = SUITES[suite]
+  return [PEER_PYTHON, os.path.join(HERE, 'peer_step.py'), f'--mode={mode}', f'--model={variant}',
+          f'--patch_size={patch}', f'--image_size={size}', f'--batch_size={batch}',
+          f'--steps={args.steps}', f'--dtype={args.dtype}', '--threads=2']
+
+
+def cpu_description() -> str:
+  model, flags = 'unknown CPU', set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          model = line.split(':', 1)[1].strip()
+        elif line.startswith('flags'):
+          flags = set(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  simd = [f for f in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile', 'amx_int8')
+          if f in flags]
+  return f'{model}; {os.cpu_count()} cores; SIMD flags: {", ".join(simd) or "none listed"}'
+
+
+def summarise(results: list[dict]) -> list[dict]:
+  """One row per (suite, mode): medians over rounds of each side's img/s and peak RSS."""
+  rows = []
+  keys = sorted({(r['suite'], r['mode']) for r in results},
+                key=lambda k: (list(SUITES).index(k[0]) if k[0] in SUITES else 99,
+                               MODES.index(k[1]) if k[1] in MODES else 99))
+  for suite, mode in keys:
+    row = {'suite': suite, 'mode': mode}
+    for side in ('vadapt', 'peer'):
+      ok = [r for r in results if (r['suite'], r['mode'], r['side']) == (suite, mode, side)
+            and 'error' not in r]
+      if ok:
+        row[f'{side}_img_per_sec'] = statistics.median(r['img_per_sec'] for r in ok)
+        row[f'{side}_rss_mib'] = statistics.median(r['peak_rss_mib'] for r in ok)
+        row[f'{side}_trainable'] = ok[0].get('trainable')
+      else:
+        errors = [r['error'] for r in results
+                  if (r['suite'], r['mode'], r['side']) == (suite, mode, side)]
+        row[f'{side}_error'] = errors[0] if errors else 'not run'
+    if 'vadapt_img_per_sec' in row and 'peer_img_per_sec' in row:
+      row['speed_ratio'] = row['vadapt_img_per_sec'] / row['peer_img_per_sec']
+      row['rss_ratio'] = row['vadapt_rss_mib'] / row['peer_rss_mib']
+    rows.append(row)
+  return rows
+
+
+def markdown(rows: list[dict], matmul: dict, header: str) -> str:
+  lines = [header, '',
+           '| suite | mode | PyTorch peer img/s | vadapt img/s | speed ratio | peer RSS MiB | '
+           'vadapt RSS MiB | RSS ratio | trainable (vadapt / peer) |',
+           '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+  fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else 'n/a'
+  for r in rows:
+    lines.append(
+        f'| {r["suite"]} | {r["mode"]} | {fmt(r.get("peer_img_per_sec"), ".2f")} | '
+        f'{fmt(r.get("vadapt_img_per_sec"), ".2f")} | {fmt(r.get("speed_ratio"), ".2f")}x | '
+        f'{fmt(r.get("peer_rss_mib"), ".0f")} | {fmt(r.get("vadapt_rss_mib"), ".0f")} | '
+        f'{fmt(r.get("rss_ratio"), ".2f")}x | {fmt(r.get("vadapt_trainable"), ",")} / '
+        f'{fmt(r.get("peer_trainable"), ",")} |')
+  errors = [(r['suite'], r['mode'], side, r[f'{side}_error']) for r in rows
+            for side in ('vadapt', 'peer') if f'{side}_error' in r]
+  if errors:
+    lines += ['', 'Not measured:', '']
+    lines += [f'- {s} {m} ({side}): {e}' for s, m, side, e in errors]
+  if matmul:
+    lines += ['', f'Matmul limit at {matmul.get("shape")} (GFLOP/s, 2 threads): ' + ', '.join(
+        f'{k} {v:.0f}' for k, v in matmul.items() if isinstance(v, float)) + '.']
+  return '\n'.join(lines) + '\n'
+
+
+def plot(rows: list[dict], path: str) -> bool:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  rows = [r for r in rows if 'speed_ratio' in r]
+  if not rows:
+    return False
+  fig, ax = plt.subplots(figsize=(8, 4))
+  labels = [f'{r["suite"]}\n{r["mode"]}' for r in rows]
+  ax.bar(range(len(rows)), [r['speed_ratio'] for r in rows], color='tab:blue')
+  ax.axhline(1.0, color='black', lw=0.8)
+  ax.set_xticks(range(len(rows)), labels, fontsize=7)
+  ax.set_ylabel('vadapt img/s / PyTorch peer img/s')
+  ax.set_title('vadapt vs PyTorch (transformers + adapters / peft), same CPU')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return True
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--suites', default=','.join(SUITES))
+  parser.add_argument('--modes', default=','.join(MODES))
+  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  parser.add_argument('--out', default=None, help='Writes <out>.md, <out>.json, <out>.png.')
+  args = parser.parse_args()
+  if not os.path.exists(PEER_PYTHON):
+    sys.exit(f'error: {PEER_PYTHON} not found: run bash benchmarks/peers/setup.sh first.')
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {MEMORY_SCHEDULER_FLAG}'.strip()
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  load_before = os.getloadavg()
+  matmul = {**_result([PEER_PYTHON, os.path.join(HERE, 'matmul.py')], env),
+            **_result([sys.executable, os.path.join(HERE, 'matmul.py')], env)}
+  results = []
+  for rnd in range(args.rounds):
+    for suite in args.suites.split(','):
+      for mode in args.modes.split(','):
+        sides = [('vadapt', _vadapt_cmd), ('peer', _peer_cmd)]
+        if rnd % 2:
+          sides.reverse()
+        for side, make_cmd in sides:
+          r = _result(make_cmd(suite, mode, args), env)
+          r.update(side=side, suite=suite, mode=mode, round=rnd)
+          results.append(r)
+          print(f'round {rnd} {suite} {mode} {side}: '
+                + (r['error'] if 'error' in r else
+                   f'{r["img_per_sec"]:.2f} img/s, peak RSS {r["peak_rss_mib"]:.0f} MiB'),
+                file=sys.stderr, flush=True)
+  load_after = os.getloadavg()
+  rows = summarise(results)
+  header = (f'{args.dtype}, median over {args.rounds} round(s) of each process\'s median of '
+            f'{args.steps} steps; bottleneck 64, 100 classes, 2 threads.\n\n'
+            f'Machine: {cpu_description()}.\n\nLoad average before: '
+            f'{", ".join(f"{x:.2f}" for x in load_before)}; after: '
+            f'{", ".join(f"{x:.2f}" for x in load_after)}.')
+  table = markdown(rows, matmul, header)
+  print(table)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + '.md', 'w') as f:
+      f.write('# vadapt vs PyTorch peers (transformers + AdapterHub adapters / peft)\n\n'
+              f'Command: `python benchmarks/peers/compare.py --out={args.out}`\n\n' + table)
+    with open(args.out + '.json', 'w') as f:
+      json.dump({'matmul': matmul, 'results': results, 'rows': rows}, f, indent=1)
+    plot(rows, args.out + '.png')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,153 @@
+r"""One PyTorch peer configuration: Hugging Face ViT with AdapterHub `adapters` or `peft`.
+
+Run by benchmarks/peers/compare.py in benchmarks/peers/.venv (setup.sh), one configuration per
+process; prints one line `RESULT {json}`.
+
+  benchmarks/peers/.venv/bin/python benchmarks/peers/peer_step.py --model=B/16 --mode=houlsby
+
+Modes: forward (inference, no grad), full (every parameter), pfeiffer (adapters `seq_bn`), houlsby
+(`double_seq_bn`), parallel (`par_bn`), lora (peft, r=8 on query and value), linear (head only).
+The step is what a PyTorch user writes: zero_grad, forward, cross-entropy, backward, AdamW over
+the trainable parameters, SDPA attention, torch.set_num_threads(threads). Before timing, the
+worker checks that exactly the method's parameters train (adapter/LoRA names plus the head) and,
+after timing, that a frozen weight did not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+# (hidden, layers, heads, mlp) as in vadapt.models.vit.WIDTHS.
+WIDTHS = {'Ti': (192, 12, 3, 768), 'S': (384, 12, 6, 1536), 'B': (768, 12, 12, 3072)}
+MODES = ('forward', 'full', 'linear', 'pfeiffer', 'houlsby', 'parallel', 'lora')
+
+
+def _rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build(args):
+  import transformers  # pylint: disable=g-import-not-at-top
+  width, patch = args.model.split('/')
+  hidden, layers, heads, mlp = WIDTHS[width]
+  config = transformers.ViTConfig(
+      hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+      intermediate_size=mlp, image_size=args.image_size, patch_size=int(args.patch_size or patch),
+      num_labels=args.num_classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  torch.manual_seed(0)
+  model = transformers.ViTForImageClassification._from_config(  # pylint: disable=protected-access
+      config, attn_implementation='sdpa')
+  mode = args.mode
+  trainable_prefixes: tuple[str, ...]
+  if mode in ('pfeiffer', 'houlsby', 'parallel'):
+    import adapters  # pylint: disable=g-import-not-at-top
+    adapters.init(model)
+    factor = hidden / args.bottleneck
+    cfg = {'pfeiffer': adapters.SeqBnConfig, 'houlsby': adapters.DoubleSeqBnConfig,
+           'parallel': adapters.ParBnConfig}[mode](reduction_factor=factor)
+    model.add_adapter('task', config=cfg)
+    model.train_adapter('task')
+    for p in model.classifier.parameters():  # The new task's head trains too, as in vadapt.
+      p.requires_grad_(True)
+    trainable_prefixes = ('adapters.task', 'classifier.')
+  elif mode == 'lora':
+    import peft  # pylint: disable=g-import-not-at-top
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=['query', 'value'], lora_dropout=0.0,
+        modules_to_save=['classifier']))
+    trainable_prefixes = ('lora_', 'classifier')
+  elif mode == 'linear':
+    for name, p in model.named_parameters():
+      p.requires_grad_(name.startswith('classifier.'))
+    trainable_prefixes = ('classifier.',)
+  elif mode in ('full', 'forward'):
+    trainable_prefixes = ('',)
+  else:
+    raise ValueError(f'Unknown mode {mode!r}; known: {MODES}.')
+  trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+  if mode not in ('full', 'forward'):
+    wrong = [n for n, _ in trainable if not any(t in n for t in trainable_prefixes)]
+    assert not wrong, f'{mode}: unexpected trainable parameters {wrong[:5]}'
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any('attention.attention.query.weight' in n or 'query.base_layer.weight' in n
+               for n in frozen), f'{mode}: the backbone is not frozen'
+  return model, trainable
+
+
+def run(args) -> dict:
+  torch.set_num_threads(args.threads)
+  rss_imports = _rss_mib()
+  model, trainable = build(args)
+  n_trainable = sum(p.numel() for _, p in trainable)
+  n_total = sum(p.numel() for p in model.parameters())
+  gen = torch.Generator().manual_seed(0)
+  images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen)
+  labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen)
+  autocast = (torch.autocast('cpu', dtype=torch.bfloat16) if args.dtype == 'bfloat16'
+              else torch.autocast('cpu', enabled=False))
+  frozen_name, frozen_param = next(((n, p) for n, p in model.named_parameters()
+                                    if not p.requires_grad), (None, None))
+  frozen_before = None if frozen_param is None else frozen_param.detach().clone()
+
+  if args.mode == 'forward':
+    model.eval()
+
+    def step():
+      with torch.inference_mode(), autocast:
+        return model(pixel_values=images).logits.float().sum()
+  else:
+    model.train()
+    opt = torch.optim.AdamW([p for _, p in trainable], lr=1e-3, weight_decay=1e-4)
+
+    def step():
+      opt.zero_grad(set_to_none=True)
+      with autocast:
+        logits = model(pixel_values=images).logits
+      loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+      opt.step()
+      return loss.detach()
+
+  start = time.perf_counter()
+  step()  # Warm-up (allocator, oneDNN primitive cache): the analogue of vadapt's compile step.
+  warmup_s = time.perf_counter() - start
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    out = step()
+    times.append(time.perf_counter() - start)
+  if frozen_param is not None:
+    assert torch.equal(frozen_before, frozen_param.detach()), f'{frozen_name} changed'
+  sec = statistics.median(times)
+  return {'side': 'peer', 'mode': args.mode, 'model': args.model, 'dtype': args.dtype,
+          'trainable': n_trainable, 'total': n_total, 'sec_per_step': sec,
+          'img_per_sec': args.batch_size / sec, 'warmup_s': warmup_s,
+          'rss_imports_mib': rss_imports, 'peak_rss_mib': _rss_mib(), 'out': float(out),
+          'torch': torch.__version__, 'threads': torch.get_num_threads()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--model', default='B/16', help="'B/16', 'Ti/16' (with --patch_size) ...")
+  parser.add_argument('--patch_size', type=int, default=0, help='Overrides the variant patch.')
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--mode', default='houlsby', choices=MODES)
+  parser.add_argument('--bottleneck', type=int, default=64)
+  parser.add_argument('--num_classes', type=int, default=100)
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--threads', type=int, default=2)
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  args = parser.parse_args()
+  print('RESULT ' + json.dumps(run(args)), flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -3,6 +3,12 @@
 Model families (`backbone.model`):
   'vit'   vadapt.models.vit with a `num_classes` head; checkpoint: vit_jax / big_vision .npz or
           Hugging Face .safetensors.
+  'dinov2' vadapt.models.vit built by vit.dinov2 (`backbone.variant` 'S/14', 'B/14', 'L/14',
+          'g/14', each also '-reg' with register tokens) with a `num_classes` head on the class
+          token (`backbone.overrides.classifier='token_gap'` adds the mean patch token);
+          checkpoint: Hugging Face Dinov2Model safetensors, an official .pth state dict or an
+          ONNX export, the format detected from the file (vadapt.pretrained.dinov2). One set of
+          weights serves any `image_size` that is a multiple of 14.
   'clip'  vadapt.models.clip_classifier.CLIPClassifier: CLIP (`backbone.variant` a CLIP config
           name such as 'ViT-B/16' or 'tiny') whose classifier is the zero-shot text-embedding
           matrix of the dataset's class names x prompt templates; checkpoint: Hugging Face
@@ -23,7 +29,7 @@ from vadapt.models import vit
 from vadapt.pretrained import common as pretrained_common
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-MODELS = ('vit', 'clip')
+MODELS = ('vit', 'dinov2', 'clip')
 
 
 def compute_dtype(name: str):
@@ -49,10 +55,28 @@ def make_model(cfg: ml_collections.ConfigDict, num_classes: Optional[int], *,
     return _make_clip(cfg, num_classes, class_names, templates, recompute_text,
                       clip_adapter_ratio, clip_adapter_reduction)
   overrides = dict(cfg.overrides.to_dict()) if cfg.get('overrides') else {}
+  if cfg.model == 'dinov2':
+    return _make_dinov2(cfg, num_classes, overrides)
   return vit.from_variant(cfg.variant, num_classes=num_classes, dtype=compute_dtype(cfg.dtype),
                           dropout_rate=cfg.get('dropout_rate', 0.0),
                           remat=cfg.get('remat', False),
                           remat_policy=cfg.get('remat_policy', 'nothing'), **overrides)
+
+
+def _make_dinov2(cfg, num_classes, overrides):
+  if cfg.image_size % vit.DINOV2_PATCH:
+    raise ValueError(f'backbone.image_size={cfg.image_size} is not divisible by the DINOv2 patch '
+                     f'size {vit.DINOV2_PATCH}: expected a multiple of {vit.DINOV2_PATCH}, e.g. '
+                     f'{max(1, round(cfg.image_size / vit.DINOV2_PATCH)) * vit.DINOV2_PATCH}.')
+  kwargs = vit.dinov2_config(cfg.variant)
+  if cfg.checkpoint:  # How the file's own code resamples the position grid (from its format).
+    from vadapt.pretrained import dinov2 as dinov2_loader  # pylint: disable=g-import-not-at-top
+    fmt = (dinov2_loader.detect_format(cfg.checkpoint) if cfg.checkpoint_format == 'auto'
+           else cfg.checkpoint_format)
+    kwargs.update(dinov2_loader.interpolation(fmt, kwargs['num_registers'] > 0))
+  kwargs.update(dtype=compute_dtype(cfg.dtype), dropout_rate=cfg.get('dropout_rate', 0.0),
+                remat=cfg.get('remat', False), remat_policy=cfg.get('remat_policy', 'nothing'))
+  return vit.dinov2(cfg.variant, num_classes=num_classes, **{**kwargs, **overrides})
 
 
 def _make_clip(cfg, num_classes, class_names, templates, recompute_text, ratio, reduction):
@@ -96,6 +120,14 @@ def load_params(cfg: ml_collections.ConfigDict, model: nn.Module, *,
     _, variables = jax.jit(lambda p: model.apply({'params': p}, images, mutable=['params']))(
         clip_params)
     return jax.tree.map(np.asarray, dict(variables['params']))
+  if cfg.checkpoint and cfg.model == 'dinov2':
+    pretrained_common.require_file(cfg.checkpoint, 'backbone.checkpoint')
+    from vadapt.pretrained import dinov2 as dinov2_loader  # pylint: disable=g-import-not-at-top
+    params = jax.tree.map(np.asarray, dinov2_loader.load(cfg.checkpoint, model,
+                                                         format=cfg.checkpoint_format))
+    if cfg.get('reset_head') and 'head' in params:
+      params = {**params, 'head': jax.tree.map(np.zeros_like, params['head'])}
+    return params
   if cfg.checkpoint:
     pretrained_common.require_file(cfg.checkpoint, 'backbone.checkpoint')
     from vadapt.pretrained import vit as vit_loader  # pylint: disable=g-import-not-at-top

@@ -24,6 +24,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu_exact': lambda x: nn.gelu(x, approximate=False),
     'quick_gelu': quick_gelu,
     'relu': nn.relu,
+    # The gate of SwiGLU MLPs (DINOv2 ViT-g).
+    'silu': nn.silu,
 }
 
 

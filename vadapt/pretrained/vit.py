@@ -362,6 +362,10 @@ def _is_hf_vit(tensors: Mapping[str, Any]) -> bool:
 
 def _read_hf(path: str, num_heads: Optional[int]) -> Checkpoint:
   tensors = _read_safetensors(_hf_files(path))
+  dinov2 = [k for k in tensors if k.endswith(('layer_scale1.lambda1', '.norm1.weight'))]
+  if dinov2:
+    raise _unknown_format(path, f'it holds DINOv2 (found {dinov2[0]}), expected a plain ViT: load '
+                                'it with vadapt.pretrained.dinov2.load')
   if not _is_hf_vit(tensors):
     raise _unknown_format(path, 'its safetensors keys are not those of a Hugging Face ViT '
                                 f'(e.g. {sorted(tensors)[:3]})')
@@ -479,7 +483,11 @@ def _detect(path: str) -> tuple[str, Any]:
   lower = path.lower()
   if lower.endswith(_TORCH_PICKLES):
     raise _unknown_format(path, 'PyTorch pickles are not read (unpickling runs arbitrary code); '
-                                'convert it to .safetensors')
+                                'convert it to .safetensors (DINOv2 .pth state dicts load with '
+                                'vadapt.pretrained.dinov2.load)')
+  if lower.endswith('.onnx'):
+    raise _unknown_format(path, 'ONNX graphs are read for DINOv2 only: load it with '
+                                'vadapt.pretrained.dinov2.load')
   if lower.endswith('.npz'):
     flat, prefix = _strip_npz_prefix(_open_npz(path))
     flavour = _npz_flavour(flat, prefix)

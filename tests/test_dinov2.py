@@ -57,6 +57,11 @@ def _encode(model, params, images):
   return model.apply({'params': params}, images, return_features=True)[1]['encoded']
 
 
+@functools.partial(jax.jit, static_argnames='model')
+def _apply(model, params, images):
+  return model.apply({'params': params}, images)
+
+
 def _hf_model(kind, seed=0):
   """A tiny transformers model with every parameter perturbed, so misplaced weights show."""
   torch.manual_seed(seed)
@@ -274,12 +279,11 @@ def test_adapters_are_identity_at_init(backbone, method):
   adapter_keys = [k for k in flatten(params) if '/adapter/' in k]
   assert adapter_keys and all('/MlpBlock_0/' in k or '/MultiHeadDotProductAttention_0/' in k
                               for k in adapter_keys)
-  np.testing.assert_array_equal(adapted.apply({'params': params}, x),
-                                model.apply({'params': backbone_params}, x))
+  plain = _apply(model, backbone_params, x)
+  np.testing.assert_array_equal(_apply(adapted, params, x), plain)
   # Trained adapters change the output.
-  moved = adapted.apply({'params': _perturb(params, '/adapter/')}, x)
-  assert np.abs(np.asarray(moved) - np.asarray(model.apply({'params': backbone_params}, x))).max(
-  ) > 1e-3
+  moved = _apply(adapted, _perturb(params, '/adapter/'), x)
+  assert np.abs(np.asarray(moved) - np.asarray(plain)).max() > 1e-3
 
 
 def test_layer_scale_applies_after_the_adapter(backbone):
@@ -290,8 +294,8 @@ def test_layer_scale_applies_after_the_adapter(backbone):
   silenced = unflatten({k: np.zeros_like(v) if '/LayerScale_' in k else v
                         for k, v in flat.items()})
   silenced_backbone = {k: v for k, v in flatten(silenced).items() if '/adapter/' not in k}
-  np.testing.assert_array_equal(adapted.apply({'params': silenced}, x),
-                                model.apply({'params': unflatten(silenced_backbone)}, x))
+  np.testing.assert_array_equal(_apply(adapted, silenced, x),
+                                _apply(model, unflatten(silenced_backbone), x))
 
 
 # ----------------------------------------------------------------------------- backbones

@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone.overrides = ml_collections.ConfigDict()
 
   # method: houlsby | pfeiffer | parallel | parallel_attn | conv (adapters),
+  # vpt_shallow | vpt_deep (visual prompts: adapter.prompts, adapter.dropout on the prompts),
   # full (every parameter trains) | linear (the head only).
   c.adapter = ml_collections.ConfigDict()
   c.adapter.method = 'houlsby'
@@ -97,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.learnable_scale = False
   c.adapter.layer_norm = config_dict.placeholder(bool)
   c.adapter.dropout = 0.0
+  c.adapter.prompts = 50  # VPT: prompt tokens per set.
+  # AdapterDrop: each layer's adapters are left out of a training step with this probability.
+  c.adapter.drop_rate = 0.0
   c.train_head = True
 
   c.input = input_pipeline.default_config()
@@ -165,6 +169,7 @@ def apply_test_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.input.train_split = 'train'
   c.input.eval_split = 'test[:64]'
   c.adapter.bottleneck = 8
+  c.adapter.prompts = 8
   c.batch_size = 8
   c.eval_batch_size = 32
   c.total_steps = 4

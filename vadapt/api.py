@@ -21,13 +21,16 @@ from vadapt import placements
 from vadapt.adapters.bottleneck import BottleneckConfig
 from vadapt.adapters.conv import ConvAdapterConfig
 from vadapt.adapters.lora import LoRAConfig
+from vadapt.adapters.prompts import PromptConfig
 from vadapt.inject import Adapted, Target
 from vadapt.inject import Adapted as _Adapted
 from vadapt.pretrained.common import check_matches, flatten, unflatten
 
 # Methods that change what a layer's weights compute; vadapt.merge folds them into the backbone.
 WEIGHT_METHODS = ('lora',)
-METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv') + WEIGHT_METHODS
+PROMPT_METHODS = ('vpt_shallow', 'vpt_deep')
+METHODS = (('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv') + WEIGHT_METHODS
+           + PROMPT_METHODS)
 
 # AdaptFormer's defaults for the parallel methods (Chen et al., 2022): s = 0.1, LayerNorm inside.
 _PARALLEL_DEFAULTS = {'scale': 0.1, 'layer_norm': True}
@@ -40,14 +43,15 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
           targets: Optional[Iterable[Union[Target, str]]] = None,
           scope: Optional[str] = None, drop_rate: float = 0.0, rank: Optional[int] = None,
           alpha: Optional[float] = None,
-          modules: Optional[Iterable[str]] = None) -> Adapted:
+          modules: Optional[Iterable[str]] = None, prompts: Optional[int] = None) -> Adapted:
   """Wraps `backbone` with adapters placed by `method`.
 
   Args:
     backbone: a Flax model; ViT/CLIP blocks for the transformer methods, vadapt.models.resnet
       for 'conv', or any compact model with explicit `targets`.
-    method: 'houlsby', 'pfeiffer', 'parallel' (AdaptFormer), 'parallel_attn', 'conv', or a
-      weight-space method: 'lora'.
+    method: 'houlsby', 'pfeiffer', 'parallel' (AdaptFormer), 'parallel_attn', 'conv', a
+      weight-space method: 'lora', or visual prompts: 'vpt_shallow', 'vpt_deep'
+      (vadapt.adapters.prompts).
     bottleneck: adapter hidden width (give this or reduction_factor).
     reduction_factor: hidden width = input width // reduction_factor.
     layers: None (all blocks), block indices, or placements.skip_lowest(k). Not for scan models.
@@ -55,7 +59,8 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
     scale: output multiplier; defaults to 0.1 for the parallel methods, else 1.0.
     learnable_scale: train the scale.
     layer_norm: LayerNorm inside the adapter; defaults to on for the parallel methods.
-    dropout: adapter dropout (active when the model is called with train=True).
+    dropout: adapter dropout (active when the model is called with train=True); for VPT, the
+      prompt dropout.
     targets: instead of `method`'s placement, these Targets, or module-path regexes that get the
       adapter described by the other options ('parallel' position for the parallel methods).
     scope: regex for the encoder whose blocks the transformer methods adapt; by default every
@@ -68,6 +73,7 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
     modules: the block layers a weight-space method adapts, names from
       placements.BLOCK_LAYERS ('query', 'key', 'value', 'out', 'fc1', 'fc2', 'norm1',
       'norm2'); LoRA defaults to ('query', 'value').
+    prompts: VPT's prompt count per set (the VPT methods only).
 
   Returns:
     An inject.Adapted module; its backbone params keep their paths.
@@ -84,6 +90,8 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
       raise ValueError(f'Options {sorted(given)} would be ignored: the given Targets already '
                        'carry their adapter configs.')
     return Adapted(backbone=backbone, targets=targets)
+  if prompts is not None and method not in PROMPT_METHODS:
+    raise ValueError(f'prompts={prompts!r} is an option of the VPT methods, not of {method!r}.')
   if method in WEIGHT_METHODS:
     return _adapt_weights(Adapted, backbone, method, rank=rank, alpha=alpha, dropout=dropout,
                           modules=modules, layers=layers, targets=targets, scope=scope,
@@ -95,6 +103,11 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
   if unused:
     raise ValueError(f'Options {sorted(unused)} apply to the weight-space methods '
                      f'{WEIGHT_METHODS}, not to {method!r}.')
+  if method in PROMPT_METHODS:
+    return Adapted(backbone=backbone, targets=_vpt_targets(
+        backbone, method, prompts=prompts, layers=layers, dropout=dropout, scope=scope,
+        drop_rate=drop_rate, others=dict(bottleneck=bottleneck, reduction_factor=reduction_factor,
+                                         targets=targets)))
 
   parallel = method in ('parallel', 'parallel_attn')
   defaults = _PARALLEL_DEFAULTS if parallel else {'scale': 1.0, 'layer_norm': False}
@@ -163,6 +176,50 @@ def _adapt_weights(make, backbone, method, *, rank, alpha, dropout, modules, lay
   return make(backbone=backbone, targets=placements.lora(
       config, modules=('query', 'value') if modules is None else tuple(modules), layers=layers,
       scope=scope, name=method))
+
+
+def _token_layout(backbone: nn.Module) -> tuple[int, int, bool]:
+  """(prefix tokens, patch size, scan) of a vadapt ViT or CLIP model, for VPT."""
+  model = getattr(backbone, 'clip', backbone)  # CLIPClassifier holds the CLIP model.
+  if hasattr(model, 'vision_width') and hasattr(model, 'patch_size'):  # CLIP: [class, patches].
+    return 1, model.patch_size, False
+  if hasattr(model, 'classifier') and hasattr(model, 'patch_size'):  # ViT (and DINOv2).
+    prefix = int(model.classifier == 'token') + int(getattr(model, 'num_registers', 0) or 0)
+    return prefix, model.patch_size, bool(getattr(model, 'scan', False))
+  raise ValueError(
+      f'VPT inserts prompt tokens into a transformer\'s token sequence; {type(backbone).__name__} '
+      'has none that vadapt knows (expected a vadapt.models.vit or CLIP model). For another '
+      'transformer, build Targets with vadapt.placements.vpt_deep(PromptConfig(...), scope=...).')
+
+
+def _vpt_targets(backbone, method, *, prompts, layers, dropout, scope, drop_rate, others):
+  given = sorted(k for k, v in others.items() if v is not None)
+  if given:
+    raise ValueError(f'Options {given} do not apply to {method!r}; VPT takes prompts, layers '
+                     '(deep only), dropout and scope.')
+  if prompts is None:
+    raise ValueError(f'{method!r} needs prompts= (the number of prompt tokens, e.g. 50).')
+  if drop_rate:
+    raise ValueError(f'drop_rate (AdapterDrop) does not apply to {method!r}: prompt tokens change '
+                     'the sequence length instead of adding a residual that could be left out.')
+  prefix, patch_size, scan = _token_layout(backbone)
+  config = PromptConfig(num_prompts=prompts, prefix_tokens=prefix, patch_size=patch_size,
+                        dropout=dropout)
+  scope = placements.VPT_SCOPE if scope is None else scope
+  if method == 'vpt_deep':
+    if layers is not None and scan:
+      raise ValueError(f'layers={layers!r} selects blocks, but this backbone runs its blocks under '
+                       'nn.scan: build it with scan=False to prompt a subset of blocks.')
+    return placements.vpt_deep(config, layers=layers, scope=scope)
+  if layers is not None:
+    raise ValueError("'vpt_shallow' prompts the input of the first block only; layers= is for "
+                     "'vpt_deep'.")
+  if scan:
+    raise ValueError("'vpt_shallow' inserts prompts before the first block, but this backbone "
+                     'runs its blocks under nn.scan (one module for all blocks, whose carry '
+                     "keeps its length): use 'vpt_deep', or build the backbone with scan=False "
+                     '(same weights).')
+  return placements.vpt_shallow(config, scope=scope)
 
 
 def _cast_like(tree: Mapping[str, Any], abstract: Mapping[str, Any]) -> dict[str, Any]:

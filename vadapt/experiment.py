@@ -31,11 +31,17 @@ from vadapt import partition
 from vadapt import sharding as sharding_lib
 from vadapt.pretrained import common as pretrained_common
 
-ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv')
+ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv', 'vpt_shallow',
+                   'vpt_deep')
 METHODS = ADAPTER_METHODS + ('full', 'linear', 'clip_adapter')
 LOSSES = ('ce', 'contrastive')
 _ADAPTER_FIELDS = ('bottleneck', 'reduction_factor', 'layers', 'activation', 'scale',
-                   'learnable_scale', 'layer_norm', 'dropout')
+                   'learnable_scale', 'layer_norm', 'dropout', 'drop_rate')
+# Methods whose options differ from the bottleneck adapters' (config.adapter.<field>).
+_METHOD_FIELDS = {
+    'vpt_shallow': ('prompts', 'layers', 'dropout', 'drop_rate'),
+    'vpt_deep': ('prompts', 'layers', 'dropout', 'drop_rate'),
+}
 
 
 
@@ -46,7 +52,7 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f'Unknown adapter.method {method!r}; expected one of {METHODS}.')
   spec = {'method': method}
   if method in ADAPTER_METHODS:
-    for name in _ADAPTER_FIELDS:
+    for name in _METHOD_FIELDS.get(method, _ADAPTER_FIELDS):
       value = config.adapter.get(name)
       spec[name] = list(value) if isinstance(value, tuple) else value
     if config.adapter.get('scope'):
@@ -75,7 +81,9 @@ def adapts_text_tower(spec: dict[str, Any]) -> bool:
   if spec['method'] not in ADAPTER_METHODS:
     return False
   from vadapt import placements  # pylint: disable=g-import-not-at-top
-  return re.fullmatch(spec.get('scope') or placements.DEFAULT_SCOPE, 'text/Transformer') is not None
+  default = (placements.VPT_SCOPE if spec['method'] in api.PROMPT_METHODS
+             else placements.DEFAULT_SCOPE)
+  return re.fullmatch(spec.get('scope') or default, 'text/Transformer') is not None
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int,

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Iterable, Optional, Union
 
 from vadapt.adapters.bottleneck import BottleneckConfig
+from vadapt.adapters.prompts import PromptConfig, PromptStripConfig
 from vadapt.inject import Target
 
 # Matches the ViT encoder ('Transformer') at any depth, e.g. inside a CLIP tower.
@@ -130,6 +131,26 @@ def lora(adapter, *, modules=('query', 'value'), layers: Layers = None,
   """LoRA (or DoRA) parallel to the named layers; query and value by default (Hu et al., peft)."""
   return at(layer_pattern(modules), adapter, position='parallel', layers=layers, scope=scope,
             name=name)
+
+
+# VPT's default encoder: a ViT's, or CLIP's image tower (not its text tower).
+VPT_SCOPE = r'(?:(?:.+/)?vision/)?Transformer'
+
+
+def vpt_shallow(prompts: PromptConfig, *, scope: str = VPT_SCOPE) -> tuple[Target, ...]:
+  """VPT-shallow (Jia et al., 2022): prompts enter before the first block and leave the sequence
+  at the encoder's output. The first block must be a module of its own (not under nn.scan)."""
+  return (Target(pattern=f'{scope}/encoderblock_0', position='wrap',
+                 adapter=dataclasses.replace(prompts, strip_output=False)),
+          Target(pattern=scope, position='wrap', adapter=PromptStripConfig(
+              num_prompts=prompts.num_prompts, prefix_tokens=prompts.prefix_tokens)))
+
+
+def vpt_deep(prompts: PromptConfig, *, layers: Layers = None,
+             scope: str = VPT_SCOPE) -> tuple[Target, ...]:
+  """VPT-deep: a fresh set of prompts in every selected block (inserted, then removed)."""
+  return (Target(pattern=block_pattern(layers, scope), position='wrap',
+                 adapter=dataclasses.replace(prompts, strip_output=True)),)
 
 
 # ResNet blocks as named by vadapt.models.resnet (and the flax imagenet example).

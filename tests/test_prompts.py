@@ -18,7 +18,7 @@ import pytest
 
 from cli_runner import parse_flags
 from config_overrides import load_config
-from vadapt import api, backbones, experiment, inject, partition, train
+from vadapt import api, backbones, experiment, inject, partition, placements, train
 from vadapt import checkpoint as ckpt_lib
 from vadapt.adapters import PromptConfig
 from vadapt.adapters import prompts as prompts_lib
@@ -109,6 +109,24 @@ def test_matches_vpt_forward_and_features_keep_their_layout(method, classifier):
   train = jax.jit(lambda rng: adapted.apply({'params': params}, x, train=True,
                                             rngs={'dropout': rng}))
   assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
+
+
+def test_dinov2_registers_stay_in_front_and_the_result_does_not_depend_on_where_prompts_sit():
+  """Blocks are permutation-equivariant: prompts in front of everything (prefix 0) give what
+  prompts after the class and register tokens give, if each is stripped where it was put."""
+  model = vit.from_variant('mu/4', num_classes=10, num_registers=2, layer_scale_init=1.0,
+                           classifier='token_gap')
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  adapted = api.adapt(model, 'vpt_deep', prompts=3)
+  assert adapted.targets[0].adapter.prefix_tokens == 3  # Class token and two registers.
+  params = jax.jit(adapted.init)(jax.random.key(1), x)['params']
+  params['head']['kernel'] = jax.random.normal(jax.random.key(2), params['head']['kernel'].shape)
+  in_front = inject.Adapted(model, placements.vpt_deep(PromptConfig(3, prefix_tokens=0)))
+  run = jax.jit(lambda m, p: m.apply({'params': p}, x, return_features=True), static_argnums=0)
+  (a, fa), (b, fb) = run(adapted, params), run(in_front, params)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(fa['encoded'], fb['encoded'], rtol=1e-5, atol=1e-5)
+  assert fa['encoded'].shape == (2, 1 + 2 + 64, 32)
 
 
 def test_init_range_is_vpts():

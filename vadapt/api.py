@@ -183,8 +183,10 @@ def _token_layout(backbone: nn.Module) -> tuple[int, int, bool]:
   model = getattr(backbone, 'clip', backbone)  # CLIPClassifier holds the CLIP model.
   if hasattr(model, 'vision_width') and hasattr(model, 'patch_size'):  # CLIP: [class, patches].
     return 1, model.patch_size, False
-  if hasattr(model, 'classifier') and hasattr(model, 'patch_size'):  # ViT (and DINOv2).
-    prefix = int(model.classifier == 'token') + int(getattr(model, 'num_registers', 0) or 0)
+  # ViT and DINOv2: [class token, registers..., patches].
+  if hasattr(model, 'classifier') and hasattr(model, 'patch_size'):
+    has_cls = model.classifier in ('token', 'token_gap')
+    prefix = int(has_cls) + int(getattr(model, 'num_registers', 0) or 0)
     return prefix, model.patch_size, bool(getattr(model, 'scan', False))
   raise ValueError(
       f'VPT inserts prompt tokens into a transformer\'s token sequence; {type(backbone).__name__} '

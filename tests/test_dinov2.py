@@ -134,6 +134,27 @@ def test_parity_with_transformers(hf_dir, hw):
   assert _rel_err(ours, theirs) <= TOLERANCE
 
 
+@pytest.mark.slow
+def test_s14_parity_with_transformers(tmp_path):
+  """Full-size ViT-S/14 (random weights) at 224 and at 280x196 (a 20x14 grid)."""
+  torch.manual_seed(0)
+  config = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                     image_size=518, patch_size=14)
+  hf = transformers.Dinov2Model(config)
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  hf.eval().save_pretrained(tmp_path)
+  model, params = pd.load_model(tmp_path)
+  assert model == vit.dinov2('S/14')
+  for h, w in ((224, 224), (280, 196)):
+    images = _images(h, w)
+    with torch.no_grad():
+      theirs = hf(pixel_values=torch.from_numpy(images)).last_hidden_state.numpy()
+    ours = _encode(model, params, jnp.asarray(images.transpose(0, 2, 3, 1)))
+    assert _rel_err(ours, theirs) <= TOLERANCE, (h, w, _rel_err(ours, theirs))
+
+
 def test_pooled_outputs_match_transformers(tmp_path):
   """num_classes=None is the pooler output; 'token_gap' feeds Dinov2ForImageClassification."""
   torch.manual_seed(3)
@@ -149,10 +170,10 @@ def test_pooled_outputs_match_transformers(tmp_path):
     logits = hf(pixel_values=torch.from_numpy(images)).logits.numpy()
     pooled = hf.dinov2(pixel_values=torch.from_numpy(images)).pooler_output.numpy()
   x = jnp.asarray(images.transpose(0, 2, 3, 1))
-  assert _rel_err(model.apply({'params': params}, x), logits) <= TOLERANCE
+  assert _rel_err(_apply(model, params, x), logits) <= TOLERANCE
   features, features_params = pd.load_model(tmp_path, num_classes=None, classifier='token')
   assert 'head' not in features_params
-  assert _rel_err(features.apply({'params': features_params}, x), pooled) <= TOLERANCE
+  assert _rel_err(_apply(features, features_params, x), pooled) <= TOLERANCE
 
 
 def _official_state_dict(hf):
@@ -309,8 +330,38 @@ def _cfg(**kw):
   return ml_collections.ConfigDict(cfg)
 
 
-def test_backbone_dinov2_from_config(hf_dir):
-  kind, hf, path = hf_dir
+@pytest.mark.slow
+def test_adapter_run_from_a_config(hf_dir, tmp_path):
+  """backbone.model='dinov2' through the CLI's code path: one Houlsby step on digits at 28 px.
+
+  Slow only for the suite's budget (~30 s of CPU); make_model and load_params are also tested
+  below, and the Fashion-MNIST tests train DINOv2 from its config.
+  """
+  kind, _, path = hf_dir
+  if kind != 'registers':
+    pytest.skip('one architecture is enough')
+  from config_overrides import load_config  # pylint: disable=g-import-not-at-top
+  from vadapt import train  # pylint: disable=g-import-not-at-top
+  config = load_config(**{'mesh.num_devices': 1, 'backbone.model': 'dinov2',
+                          'backbone.variant': 'mu/14-reg', 'backbone.image_size': 28,
+                          'backbone.checkpoint': path, 'total_steps': 1, 'eval_at_start': False,
+                          'checkpoint_every': 1})
+  model = backbones.make_model(config.backbone, 10)
+  assert model.posemb_interpolation_antialias and model.num_registers == 4
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(result.metrics['train/loss'])
+  delta, frozen = flatten(result.delta), flatten(result.frozen)
+  assert any('/MlpBlock_0/adapter/' in k for k in delta) and 'head/kernel' in delta
+  # The frozen backbone is the file's weights, bit for bit.
+  _, loaded = pd.load_model(path)
+  loaded = flatten(loaded)
+  assert set(frozen) == set(loaded)
+  for k, v in loaded.items():
+    np.testing.assert_array_equal(frozen[k], v)
+
+
+def test_backbone_from_config(hf_dir):
+  kind, _, path = hf_dir
   if kind != 'registers':
     pytest.skip('one architecture is enough')
   cfg = _cfg(variant='mu/14-reg', checkpoint=path)
@@ -319,10 +370,9 @@ def test_backbone_dinov2_from_config(hf_dir):
   assert model.posemb_interpolation_antialias and model.num_registers == 4
   assert flatten(params)['head/kernel'].shape == (32, 4)
   assert not np.any(flatten(params)['head/kernel'])
-  reference, reference_params = pd.load_model(path)
-  x = jnp.asarray(_images(28, 28).transpose(0, 2, 3, 1))
-  np.testing.assert_array_equal(_encode(model, params, x),
-                                _encode(reference, reference_params, x))
+  _, loaded = pd.load_model(path)
+  for k, v in flatten(loaded).items():
+    np.testing.assert_array_equal(flatten(params)[k], v)
 
 
 def test_backbone_rejects_a_size_not_divisible_by_14():

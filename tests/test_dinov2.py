@@ -409,8 +409,8 @@ def test_plain_vit_file_as_dinov2(tmp_path):
   pv.save_hf_safetensors(params, tmp_path / 'vit.safetensors')
   pv.save_vit_jax_npz(params, tmp_path / 'vit.npz')
   with pytest.raises(pv.UnknownCheckpointFormatError,
-                     match=r'holds a plain ViT \(encoder.layer.0.layernorm_before, no LayerScale\), '
-                           r'expected DINOv2'):
+                     match=r'holds a plain ViT \(encoder.layer.0.layernorm_before, no '
+                           r'LayerScale\), expected DINOv2'):
     pd.load(tmp_path / 'vit.safetensors', vit.dinov2('mu/14'))
   with pytest.raises(pv.UnknownCheckpointFormatError, match='a .npz holds a vit_jax / big_vision '
                                                             'ViT, not DINOv2'):

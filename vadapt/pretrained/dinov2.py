@@ -454,19 +454,23 @@ def read(path: str | os.PathLike, *,
       fmt = 'hf'
   else:
     tensors, conventions = _read_onnx(path)
+    tensors = _from_hf_in_memory(tensors)  # exports of transformers 5 models name q_proj etc.
   _check_is_dinov2(tensors, path, fmt)
   config = _infer_config(tensors, fmt, hf_config, conventions, path)
   return Checkpoint(_to_ours(tensors, config['num_heads']), config, fmt, path,
                     heads_known=bool(hf_config and hf_config.get('num_attention_heads')))
 
 
-def model_kwargs_from_checkpoint(path: str | os.PathLike, *,
-                                 format: str = 'auto') -> dict[str, Any]:  # pylint: disable=redefined-builtin
+def model_kwargs_from_checkpoint(
+    path: str | os.PathLike, *,
+    format: str = 'auto',  # pylint: disable=redefined-builtin
+) -> dict[str, Any]:
   """VisionTransformer(**kwargs) that the DINOv2 file at `path` loads into unchanged."""
   return dict(read(path, format=format).config)
 
 
-def load_model(path: str | os.PathLike, *, format: str = 'auto',  # pylint: disable=redefined-builtin
+def load_model(path: str | os.PathLike, *,
+               format: str = 'auto',  # pylint: disable=redefined-builtin
                **overrides) -> tuple[VisionTransformer, Params]:
   """(model, params) for the DINOv2 file at `path`, read once; `overrides` change the model
   (e.g. num_classes=10, classifier='token_gap', scan=True)."""

@@ -23,8 +23,8 @@ import time
 
 # 'name+remat' rematerialises every encoder block in the backward pass (backbone.remat=True);
 # 'name+remat_dots' does so keeping the Dense outputs (backbone.remat_policy='dots').
-METHODS = ('full', 'houlsby', 'pfeiffer', 'linear', 'full+remat', 'houlsby+remat',
-           'pfeiffer+remat', 'houlsby+remat_dots', 'pfeiffer+remat_dots')
+METHODS = ('full', 'houlsby', 'pfeiffer', 'vpt_shallow', 'vpt_deep', 'linear', 'full+remat',
+           'houlsby+remat', 'pfeiffer+remat', 'houlsby+remat_dots', 'pfeiffer+remat_dots')
 # XLA:CPU's default concurrency-optimised scheduler orders the step for parallelism, not memory:
 # it keeps about 0.5 GiB more of ViT-B/16's activations alive and cancels remat's saving
 # entirely (same temporaries with and without remat). The benchmark turns it off for every
@@ -58,7 +58,8 @@ def _worker(args) -> dict:
       'backbone': _backbone_config(args, option),
       'adapter': {'method': method, 'bottleneck': args.bottleneck,
                   'reduction_factor': None, 'layers': None, 'activation': 'relu', 'scale': None,
-                  'learnable_scale': False, 'layer_norm': None, 'dropout': 0.0},
+                  'learnable_scale': False, 'layer_norm': None, 'dropout': 0.0,
+                  'prompts': args.prompts, 'drop_rate': 0.0},
       'train_head': True,
       'optimizer': {'name': 'adamw', 'learning_rate': 1e-3, 'weight_decay': 1e-4, 'b1': 0.9,
                     'b2': 0.999, 'momentum': 0.9},
@@ -234,6 +235,7 @@ def main() -> None:
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                       help='Compute dtype (params and optimizer state stay float32).')
   parser.add_argument('--bottleneck', type=int, default=64)
+  parser.add_argument('--prompts', type=int, default=50, help='VPT prompt tokens per set.')
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--methods', default=','.join(METHODS),
                       help="Comma-separated; append '+remat' (backbone.remat=True) or '+remat_dots' "
@@ -257,6 +259,7 @@ def main() -> None:
     cmd = [sys.executable, os.path.abspath(__file__), f'--method={method}',
            f'--variant={args.variant}', f'--image_size={args.image_size}',
            f'--batch_size={args.batch_size}', f'--bottleneck={args.bottleneck}',
+           f'--prompts={args.prompts}',
            f'--patch_size={args.patch_size}', f'--dtype={args.dtype}',
            f'--steps={args.steps}']
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -60,6 +60,27 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
+def _placeholders(field_type, names) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({n: config_dict.placeholder(field_type) for n in names})
+
+
+def vit_overrides() -> ml_collections.ConfigDict:
+  """backbone.overrides for a ViT: every architecture field, unset."""
+  c = _placeholders(int, ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'patch_size',
+                          'representation_size'))
+  c.classifier = config_dict.placeholder(str)  # 'token' | 'gap' | 'token_gap' (DINOv2) | ...
+  c.attention_dropout_rate = config_dict.placeholder(float)
+  c.scan = config_dict.placeholder(bool)  # Blocks under nn.scan (faster compile; all layers).
+  return c
+
+
+def clip_overrides() -> ml_collections.ConfigDict:
+  """backbone.overrides for CLIP: every architecture field, unset."""
+  return _placeholders(int, ('embed_dim', 'image_size', 'patch_size', 'vision_width',
+                             'vision_layers', 'vision_heads', 'text_width', 'text_layers',
+                             'text_heads', 'context_length', 'vocab_size'))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The training recipe every experiment starts from (adapter on a ViT, AdamW, cosine)."""
   c = ml_collections.ConfigDict()
@@ -81,15 +102,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone.remat_policy = 'nothing'
   # Zero the loaded head even when its class count matches (the new task's labels differ).
   c.backbone.reset_head = False
-  # Extra VisionTransformer fields (e.g. hidden_size for a custom width); keys fixed per config.
-  c.backbone.overrides = ml_collections.ConfigDict()
+  # Architecture fields that replace the variant's (e.g. hidden_size for a custom width); unset
+  # (None) keeps the variant's value. Typed, so --config.backbone.overrides.num_layers=6 works.
+  c.backbone.overrides = vit_overrides()
 
-  # method: houlsby | pfeiffer | parallel | parallel_attn | conv (adapters),
+  # method: houlsby | pfeiffer | parallel | parallel_attn (adapters in transformer blocks),
   # vpt_shallow | vpt_deep (visual prompts: adapter.prompts, adapter.dropout on the prompts),
   # full (every parameter trains) | linear (the head only).
   c.adapter = ml_collections.ConfigDict()
   c.adapter.method = 'houlsby'
-  c.adapter.bottleneck = config_dict.FieldReference(64, field_type=int)  # None: reduction_factor.
+  c.adapter.bottleneck = config_dict.FieldReference(64, field_type=int)
+  # Hidden width = input width // reduction_factor; when set, it replaces bottleneck.
   c.adapter.reduction_factor = config_dict.placeholder(float)
   c.adapter.layers = config_dict.placeholder(tuple)
   c.adapter.activation = 'relu'
@@ -186,6 +209,7 @@ def add_clip_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.mode = 'train'  # Also 'zeroshot' | 'tip_adapter' | 'retrieval' (no training).
   c.backbone.model = 'clip'
   c.backbone.variant = 'ViT-B/16'  # A vadapt.models.clip config name.
+  c.backbone.overrides = clip_overrides()
   # Hugging Face CLIP safetensors (file or directory) or an OpenAI .pt; '' = random init (tests).
   c.backbone.checkpoint = ''
   c.preprocess = 'clip'

@@ -24,8 +24,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c = common.base_config()
   c.backbone.variant = 'mu/4'
   # A small ViT (4 blocks of width 64) that learns digits in about a minute on two CPU cores.
-  c.backbone.overrides = ml_collections.ConfigDict(
-      dict(hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128))
+  c.backbone.overrides.update(dict(hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128))
   c.backbone.image_size = 16
   c.backbone.checkpoint = ''  # Filled in from stage 1.
   # Digits 5-9 reuse the label ids 0-4 of the source task: the new head starts from zero.

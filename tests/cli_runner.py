@@ -23,3 +23,15 @@ def run_main(argv):
   with flagsaver.flagsaver():
     parse_flags(argv)
     main.main(['vadapt.main'])
+
+
+def run_cli(argv) -> int:
+  """`python -m vadapt.main ARGS` as a user runs it (help, one-line errors): the exit status."""
+  with flagsaver.flagsaver():
+    try:
+      main.run(['vadapt.main'] + list(argv))
+    except SystemExit as e:
+      return 0 if e.code is None else int(e.code)
+    finally:
+      flags.FLAGS.unparse_flags()
+  return 0

@@ -306,7 +306,7 @@ def test_few_shot_names_a_class_with_too_few_examples():
   rare = int(np.argmin(counts))
   # Relabelling puts the rare class first, so it is the one reported.
   with pytest.raises(ValueError, match=rf"class '{rare}' \(label 0\) has only {counts[rare]} "):
-    ip.get_info(digits_config(few_shot=counts[rare] + 1, train_split='train[:100]',
+    ip.get_info(digits_config(few_shot=int(counts[rare]) + 1, train_split='train[:100]',
                               classes=[rare, (rare + 1) % 10]))
 
 

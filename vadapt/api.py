@@ -139,9 +139,16 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
   if method == 'conv':
     if layers is not None:
       raise ValueError("method 'conv' adapts every ResNet block; pass targets= regexes to pick "
-                       'blocks, e.g. r"BasicBlock_[4-7]".')
+                       'blocks, e.g. r"ResNetBlock_[4-7]" (BottleneckResNetBlock_* in ResNet-50 and deeper).')
     return Adapted(backbone=backbone, targets=placements.resnet_blocks(config))
 
+  num_layers = getattr(backbone, 'num_layers', None)
+  if isinstance(num_layers, int) and layers is not None and not isinstance(
+      layers, placements.SkipLowest):
+    missing = sorted(i for i in set(layers) if not 0 <= i < num_layers)
+    if missing:
+      raise ValueError(f'layers={tuple(layers)} names block(s) {missing} that the backbone does '
+                       f'not have: it has {num_layers} blocks, indices 0-{num_layers - 1}.')
   if layers is not None and getattr(backbone, 'scan', False):
     raise ValueError(
         f'layers={layers!r} selects blocks, but this backbone runs its blocks under nn.scan '

@@ -38,6 +38,12 @@ def compute_dtype(name: str):
   return _DTYPES[name]
 
 
+def architecture_overrides(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """cfg.overrides without its unset (None) fields: the values that replace the variant's."""
+  given = cfg.get('overrides')
+  return {k: v for k, v in given.to_dict().items() if v is not None} if given else {}
+
+
 def make_model(cfg: ml_collections.ConfigDict, num_classes: Optional[int], *,
                class_names: Optional[Sequence[str]] = None,
                templates: Sequence[str] = ('a photo of a {}.',), recompute_text: bool = False,
@@ -54,7 +60,7 @@ def make_model(cfg: ml_collections.ConfigDict, num_classes: Optional[int], *,
   if cfg.model == 'clip':
     return _make_clip(cfg, num_classes, class_names, templates, recompute_text,
                       clip_adapter_ratio, clip_adapter_reduction)
-  overrides = dict(cfg.overrides.to_dict()) if cfg.get('overrides') else {}
+  overrides = architecture_overrides(cfg)
   if cfg.model == 'dinov2':
     return _make_dinov2(cfg, num_classes, overrides)
   return vit.from_variant(cfg.variant, num_classes=num_classes, dtype=compute_dtype(cfg.dtype),
@@ -88,7 +94,7 @@ def _make_clip(cfg, num_classes, class_names, templates, recompute_text, ratio, 
                      'zero-shot classifier; found none.')
   if num_classes is not None and len(class_names) != num_classes:
     raise ValueError(f'{num_classes} classes but {len(class_names)} class names.')
-  overrides = dict(cfg.overrides.to_dict()) if cfg.get('overrides') else {}
+  overrides = architecture_overrides(cfg)
   if cfg.variant in clip.CONFIGS and cfg.image_size != clip.CONFIGS[cfg.variant]['image_size']:
     overrides.setdefault('image_size', cfg.image_size)
   model = clip.from_config(cfg.variant, dtype=compute_dtype(cfg.dtype),

@@ -1,4 +1,6 @@
-"""CLIP without training: zero-shot classification and the training-free Tip-Adapter."""
+"""CLIP evaluated without a training loop: zero-shot classification and the training-free
+Tip-Adapter, on the base CLIP or, when the workdir holds a checkpoint, with its trained adapters.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +16,48 @@ import ml_collections
 import numpy as np
 
 from vadapt import backbones
+from vadapt import checkpoint as ckpt_lib
 from vadapt import experiment
 from vadapt import metrics as metrics_lib
+from vadapt import partition
 from vadapt.pretrained import common as pretrained_common
+
+
+def latest_checkpoint_step(workdir: Optional[str]) -> Optional[int]:
+  """The newest checkpoint step in workdir/checkpoints, or None (creates nothing)."""
+  if not workdir or not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return None
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  step = checkpointer.latest_step()
+  checkpointer.close()
+  return step
+
+
+def trained_model(config: ml_collections.ConfigDict, workdir: Optional[str]):
+  """(model, params, dataset info, what is evaluated) for CLIP modes.
+
+  With a checkpoint in the workdir: the config's adapted model with the latest trained delta.
+  Otherwise the base CLIP, and the description says so (it is printed with every result).
+  """
+  step = latest_checkpoint_step(workdir)
+  if step is None:
+    model, params, info = _clip_backbone(config)
+    where = f'no checkpoint in {os.path.abspath(workdir)}' if workdir else 'no workdir'
+    return model, params, info, f'the base CLIP, without adapters ({where})'
+  exp = experiment.setup(config)
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
+  delta, _, step = experiment.restore_or_init(exp, checkpointer,
+                                              experiment.opt_state_shardings(exp))
+  checkpointer.close()
+  params = partition.merge(delta, exp.frozen)
+  return (exp.model, params, exp.info,
+          f'CLIP with the trained {config.adapter.method!r} adapters of step {step} in '
+          f'{os.path.abspath(workdir)}')
+
+
+def model_fn(model, method: str) -> Callable:
+  """jit(params, x) -> model.<method>(x), through the adapters of an adapted model."""
+  return jax.jit(lambda p, x: train_apply(model, p, method, x, train=False))
 
 def _clip_backbone(config: ml_collections.ConfigDict):
   """(CLIPClassifier, params with the frozen classifier, dataset info) for config."""
@@ -55,6 +96,12 @@ def _over_table(config: ml_collections.ConfigDict, table, fn: Callable, params: 
   return np.concatenate(outputs), np.concatenate(labels)
 
 
+def train_apply(model, params, method: str, *args, **kwargs):
+  """model.<method>(*args, **kwargs) with params, through the adapters of an adapted model."""
+  from vadapt import train  # pylint: disable=g-import-not-at-top
+  return train.apply_method(model, params, method, *args, **kwargs)
+
+
 def write_json(workdir: Optional[str], name: str, result: dict[str, Any]) -> None:
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -69,15 +116,16 @@ def zero_shot(config: ml_collections.ConfigDict, workdir: Optional[str] = None
   The logits are the same module call the trainer evaluates (CLIPClassifier without adapters).
   """
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
-  model, params, info = _clip_backbone(config)
+  model, params, info, evaluated = trained_model(config, workdir)
   _, eval_table = input_pipeline.load_tables(config.input)
-  logits_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
-  logits, labels = _over_table(config, eval_table, logits_fn, params)
+  logits, labels = _over_table(config, eval_table, model_fn(model, '__call__'), params)
   result = {'zeroshot/accuracy': float(np.mean(np.argmax(logits, -1) == labels)),
-            'zeroshot/examples': int(len(labels)), 'num_classes': info.num_classes}
+            'zeroshot/examples': int(len(labels)), 'num_classes': info.num_classes,
+            'evaluated': evaluated}
   metrics_lib.log(f'zero-shot top-1 accuracy {result["zeroshot/accuracy"]:.4f} on '
                   f'{len(labels)} examples of {config.input.get("eval_split")!r} '
-                  f'({info.num_classes} classes, {len(config.clip.templates)} template(s))')
+                  f'({info.num_classes} classes, {len(config.clip.templates)} template(s)) with '
+                  f'{evaluated}')
   write_json(workdir, 'zeroshot.json', result)
   return result
 
@@ -93,14 +141,16 @@ def tip_adapter(config: ml_collections.ConfigDict, workdir: Optional[str] = None
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   from vadapt import zeroshot as zeroshot_lib  # pylint: disable=g-import-not-at-top
   from vadapt.adapters import tip_adapter as tip  # pylint: disable=g-import-not-at-top
-  model, params, info = _clip_backbone(config)
+  model, params, info, evaluated = trained_model(config, workdir)
   train_table, eval_table = input_pipeline.load_tables(config.input)
-  features_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, method='image_features'))
+  features_fn = model_fn(model, 'image_features')
   keys, key_labels = _over_table(config, train_table, features_fn, params)
   cache = tip.build_cache(keys, key_labels, num_classes=info.num_classes)
-  classifier, logit_scale = params['classifier']['value'], params['logit_scale']
+  # The classifier as the model computes it (from an adapted text tower, if it has adapters).
+  classifier = jax.jit(lambda p: train_apply(model, p, 'classifier'))(params)
+  logit_scale = params['logit_scale']
   alpha, beta = float(config.clip.tip_alpha), float(config.clip.tip_beta)
-  result: dict[str, Any] = {'tip/cache_size': int(len(key_labels))}
+  result: dict[str, Any] = {'tip/cache_size': int(len(key_labels)), 'evaluated': evaluated}
   search_split = config.clip.get('tip_search_split')
   if search_split:
     search_input = copy.deepcopy(config.input)
@@ -123,6 +173,7 @@ def tip_adapter(config: ml_collections.ConfigDict, workdir: Optional[str] = None
       f'Tip-Adapter top-1 accuracy {result["tip/accuracy"]:.4f} (zero-shot '
       f'{result["zeroshot/accuracy"]:.4f}) on {len(labels)} examples; cache of '
       f'{len(key_labels)} images ({config.input.get("few_shot") or "all"} per class), alpha '
-      f'{alpha:g}, beta {beta:g}' + (f' (searched on {search_split!r})' if search_split else ''))
+      f'{alpha:g}, beta {beta:g}' + (f' (searched on {search_split!r})' if search_split else '')
+      + f'; with {evaluated}')
   write_json(workdir, 'tip_adapter.json', result)
   return result

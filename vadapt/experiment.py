@@ -35,6 +35,8 @@ ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv', '
                    'vpt_deep')
 METHODS = ADAPTER_METHODS + ('full', 'linear', 'clip_adapter')
 LOSSES = ('ce', 'contrastive')
+# Backbones without convolutional blocks: no place for method='conv'.
+TRANSFORMER_MODELS = ('vit', 'clip', 'dinov2')
 _ADAPTER_FIELDS = ('bottleneck', 'reduction_factor', 'layers', 'activation', 'scale',
                    'learnable_scale', 'layer_norm', 'dropout', 'drop_rate')
 # Methods whose options differ from the bottleneck adapters' (config.adapter.<field>).
@@ -51,10 +53,17 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if method not in METHODS:
     raise ValueError(f'Unknown adapter.method {method!r}; expected one of {METHODS}.')
   spec = {'method': method}
+  if method == 'conv' and config.backbone.model in TRANSFORMER_MODELS:
+    raise ValueError(
+        f"adapter.method='conv' puts adapters on convolutional (ResNet) blocks, and "
+        f"backbone.model={config.backbone.model!r} is a transformer: use one of "
+        f"{', '.join(m for m in ADAPTER_METHODS if m != 'conv')}.")
   if method in ADAPTER_METHODS:
     for name in _METHOD_FIELDS.get(method, _ADAPTER_FIELDS):
       value = config.adapter.get(name)
       spec[name] = list(value) if isinstance(value, tuple) else value
+    if spec['reduction_factor'] is not None:  # Documented to replace the (default) bottleneck.
+      spec['bottleneck'] = None
     if config.adapter.get('scope'):
       spec['scope'] = config.adapter.scope
   if method == 'clip_adapter':
@@ -197,6 +206,44 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     pretrained_common.require_file(config.backbone.checkpoint, 'backbone.checkpoint')
 
 
+def check_data(config: ml_collections.ConfigDict, info: Any) -> None:
+  """The dataset can train this config: at least two classes."""
+  if info.num_classes < 2:
+    raise ValueError(
+        f'The dataset {config.input.get("path") or config.input.get("name")!r} has '
+        f'{info.num_classes} class {list(info.class_names)}: a classifier needs at least 2 (an '
+        'ImageFolder needs one subfolder per class).')
+
+
+def check_batch_size(config: ml_collections.ConfigDict, info: Any) -> None:
+  """Warns when one training batch is larger than the whole training set."""
+  if config.batch_size > info.num_train:
+    logging.warning(
+        'batch_size=%d is larger than the whole training set (%d examples): every batch holds '
+        'each example about %.1f times (differently augmented). Lower batch_size to at most %d '
+        'for batches of distinct examples.', config.batch_size, info.num_train,
+        config.batch_size / max(info.num_train, 1), info.num_train)
+
+
+def check_layers(spec: dict[str, Any], backbone: nn.Module, images: jax.Array) -> None:
+  """adapter.layers names only blocks the backbone has (a partial match would adapt fewer)."""
+  layers = spec.get('layers')
+  if not layers or spec['method'] not in ADAPTER_METHODS:
+    return
+  shapes = jax.eval_shape(lambda: backbone.init(jax.random.PRNGKey(0), images, train=False))
+  paths = ['/'.join(str(getattr(k, 'key', k)) for k in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+  present = {int(m.group(1)) for p in paths for m in [re.search(r'encoderblock_(\d+)(?:/|$)', p)]
+             if m}
+  if not present:
+    return  # No numbered blocks (a scanned or convolutional backbone): vadapt.api decides.
+  missing = sorted(set(int(i) for i in layers) - present)
+  if missing:
+    raise ValueError(
+        f'adapter.layers={tuple(layers)} names block(s) {missing} that the backbone does not '
+        f'have: it has {len(present)} blocks, indices 0-{max(present)}.')
+
+
 def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Experiment:
   devices = jax.devices()
   n = config.mesh.get('num_devices', -1)
@@ -208,8 +255,10 @@ def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Ex
   check_config(config, mesh)
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   info = input_pipeline.get_info(config.input)
+  check_data(config, info)
   model, backbone = build_model(config, info.num_classes, info.class_names)
   images = jnp.zeros(backbones.sample_images(config.backbone).shape, jnp.float32)
+  check_layers(adapter_spec(config), backbone, images)
   rng = jax.random.PRNGKey(config.seed)
 
   if not config.backbone.checkpoint and config.adapter.method != 'full':
@@ -260,6 +309,10 @@ def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Ex
       'variant': config.backbone.variant,
       'image_size': config.backbone.image_size,
       'num_classes': info.num_classes,
+      # What prediction on new images needs (vadapt.predict): names and preprocessing.
+      'class_names': list(info.class_names),
+      'preprocess': preprocess_name(config, 'eval'),
+      'eval_crop_fraction': config.input.get('eval_crop_fraction'),
       'backbone_fingerprint': ckpt_lib.fingerprint(frozen_abs),
       'backbone_checkpoint': os.path.abspath(config.backbone.checkpoint)
                              if config.backbone.checkpoint else '',

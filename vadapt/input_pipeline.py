@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 import tensorflow as tf
 
@@ -50,30 +51,37 @@ except (RuntimeError, ValueError):  # Devices were initialised already, or the k
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every field the pipeline reads; None where unset. Safe to ``lock()``."""
+  """Every field the pipeline reads; None where unset. Safe to ``lock()``.
+
+  Fields that default to None are typed placeholders, so the command line can set them
+  (``--config.input.path=photos``): ml_collections cannot override an untyped None.
+  """
   c = ml_collections.ConfigDict()
   c.source = 'digits'          # 'tfds' | 'imagefolder' | 'digits' | 'fashion_mnist'
-  c.name = None                # tfds name, e.g. 'cifar10' or 'oxford_iiit_pet:4.*.*'
-  c.data_dir = None            # tfds data_dir; None -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.name = config_dict.placeholder(str)  # tfds name, e.g. 'cifar10' or 'oxford_iiit_pet:4.*.*'
+  # tfds data_dir; None -> $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.data_dir = config_dict.placeholder(str)
   c.train_split = 'train'      # split strings, slicing allowed: 'train[:800]', 'train[80%:]'
   c.eval_split = 'test'
   # ImageFolder root: {train,val|test}/<class>/* or <class>/*. Fashion-MNIST: a folder of idx
   # files; None -> tfds's fashion_mnist if prepared in data_dir, else the vadapt artifact cache.
-  c.path = None
+  c.path = config_dict.placeholder(str)
   c.val_fraction = 0.2         # ImageFolder without split folders: held-out share per class
   c.image_key = 'image'        # tfds feature names
   c.label_key = 'label'
-  c.classes = None             # label ids to keep, relabelled 0..k-1 in this order
-  c.few_shot = None            # k train examples per class
+  c.classes = config_dict.placeholder(tuple)  # label ids to keep, relabelled 0..k-1 in this order
+  c.few_shot = config_dict.placeholder(int)   # k train examples per class
   c.few_shot_seed = 0
   c.vtab_1k = False            # train on train[:800], evaluate on train[800:1000]
   # The train order is an exact per-epoch permutation, so no shuffle buffer is used; the field
   # is kept so configs written for buffer-based pipelines still load.
-  c.shuffle_buffer = None
+  c.shuffle_buffer = config_dict.placeholder(int)
   c.cache = True               # keep splits in memory across iterators, images decoded once
-  c.crop_scale = (0.08, 1.0)   # random-resized-crop area range; None: plain resize
-  c.flip = None                # horizontal flip in training; None: on, except for digits
-  c.eval_crop_fraction = None  # None: the family's default (0.875 vit/imagenet, 1.0 clip)
+  # Random-resized-crop area range; None or () (on the command line: --config.input.crop_scale=())
+  # for a plain resize.
+  c.crop_scale = config_dict.FieldReference((0.08, 1.0), field_type=tuple)
+  c.flip = config_dict.placeholder(bool)  # horizontal flip in training; None: on, except for digits
+  c.eval_crop_fraction = config_dict.placeholder(float)  # None: the family's default (0.875 vit, 1.0 clip)
   return c
 
 
@@ -194,8 +202,8 @@ def make_train_iterator(cfg, *, global_batch_size: int, image_size: int, preproc
   ds = iterators.train_dataset(
       train, global_batch_size=global_batch_size, image_size=image_size, family=family, seed=seed,
       start_step=start_step, process_index=process_index, process_count=process_count,
-      crop_scale=None if crop_scale is None else tuple(crop_scale), flip=bool(flip))
-  return ds.as_numpy_iterator()
+      crop_scale=tuple(crop_scale) if crop_scale else None, flip=bool(flip))
+  return _naming_bad_images(ds, train)
 
 
 def make_eval_iterator(cfg, *, global_batch_size: int, image_size: int, preprocess: str = 'vit',
@@ -210,4 +218,12 @@ def make_eval_iterator(cfg, *, global_batch_size: int, image_size: int, preproce
       eval_, global_batch_size=global_batch_size, image_size=image_size, family=family,
       process_index=process_index, process_count=process_count,
       crop_fraction=_get(cfg, 'eval_crop_fraction'))
-  return ds.as_numpy_iterator()
+  return _naming_bad_images(ds, eval_)
+
+
+def _naming_bad_images(ds, table: Table) -> Iterator[dict[str, np.ndarray]]:
+  """ds's numpy batches; an image that fails to decode is named in a one-line ValueError."""
+  try:
+    yield from ds.as_numpy_iterator()
+  except tf.errors.OpError:
+    raise iterators.undecodable_error(table) from None

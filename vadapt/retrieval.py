@@ -131,23 +131,39 @@ def evaluate_retrieval(config: ml_collections.ConfigDict, workdir: Optional[str]
   if not path:
     raise ValueError('Retrieval needs config.retrieval.path: a folder holding '
                      f'{CAPTIONS_FILE} and the images.')
+  from vadapt import clip_modes  # pylint: disable=g-import-not-at-top
   dataset = read_captions(path)
-  model, params = clip_backbone(config)
   images = load_images(dataset, config.backbone.image_size, config.get('preprocess', 'clip'))
+  bs = config.eval_batch_size
+  if clip_modes.latest_checkpoint_step(workdir) is None:
+    model, params = clip_backbone(config)
+    where = f'no checkpoint in {os.path.abspath(workdir)}' if workdir else 'no workdir'
+    evaluated = f'the base CLIP, without adapters ({where})'
+    context_length = model.context_length
+    image_embeds = zeroshot.encode_images(model, params, images, batch_size=bs)
+    encode_text = lambda t: zeroshot.encode_texts(model, params, t, batch_size=bs)
+  else:  # The workdir's trained adapters, through the classifier model they were trained in.
+    model, params, _, evaluated = clip_modes.trained_model(config, workdir)
+    context_length = model.backbone.clip.context_length if hasattr(model, 'backbone') else (
+        model.clip.context_length)
+    image_fn = clip_modes.model_fn(model, 'image_features')
+    text_fn = clip_modes.model_fn(model, 'text_features')
+    image_embeds = zeroshot.batched(lambda x: image_fn(params, x), images, bs)
+    encode_text = lambda t: zeroshot.batched(lambda x: text_fn(params, x), t, bs)
   tokens = tokenizer_lib.default_tokenizer()(list(dataset.captions),
-                                             context_length=model.context_length, truncate=True)
-  image_embeds = zeroshot.encode_images(model, params, images, batch_size=config.eval_batch_size)
-  text_embeds = zeroshot.encode_texts(model, params, tokens, batch_size=config.eval_batch_size)
+                                             context_length=context_length, truncate=True)
+  text_embeds = encode_text(tokens)
   result: dict[str, Any] = zeroshot.retrieval_metrics(image_embeds, text_embeds,
                                                       dataset.text_to_image)
   result['retrieval/images'] = len(dataset.images)
   result['retrieval/captions'] = len(dataset.captions)
+  result['evaluated'] = evaluated
   metrics_lib.log(
       f'retrieval on {len(dataset.images)} images, {len(dataset.captions)} captions of {path!r}: '
       f'image->text R@1/5/10 {result["image_to_text/R@1"]:.4f}/{result["image_to_text/R@5"]:.4f}/'
       f'{result["image_to_text/R@10"]:.4f}, text->image R@1/5/10 '
       f'{result["text_to_image/R@1"]:.4f}/{result["text_to_image/R@5"]:.4f}/'
-      f'{result["text_to_image/R@10"]:.4f}')
+      f'{result["text_to_image/R@10"]:.4f}; with {evaluated}')
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'retrieval.json'), 'w') as f:

@@ -43,6 +43,8 @@ def make_mesh(data: int = -1, fsdp: int = 1,
 def batch_size_per_shard(mesh: Mesh, global_batch_size: int, what: str = 'batch_size') -> int:
   """Checks that the batch splits evenly over the mesh; returns the per-device batch."""
   n = mesh.devices.size
+  if global_batch_size < 1:
+    raise ValueError(f'{what} must be a positive number of images; found {global_batch_size}.')
   if global_batch_size % n:
     raise ValueError(
         f'{what}={global_batch_size} is not divisible by the {n} devices of the mesh '

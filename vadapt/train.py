@@ -231,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   exp = experiment.setup(config)
   c = exp.config
+  experiment.check_batch_size(c, exp.info)
   trainable = sum(v for k, v in exp.counts.items() if k != 'frozen')
   total = sum(exp.counts.values())
   metrics_lib.log(exp.param_table)
@@ -357,8 +358,12 @@ def _log_summary(exp: Experiment, m: dict, ckpt_dir: str, step: int,
   frozen_bytes = tree_bytes(exp.frozen)
   if frozen_bytes:
     ckpt = exp.config.backbone.checkpoint
-    source = (f' it stays in {ckpt} ({human_bytes(os.path.getsize(ckpt))})'
-              if ckpt and os.path.isfile(ckpt) else ' it is rebuilt from the config')
+    if ckpt and os.path.exists(ckpt):  # A file, or a directory (Hugging Face CLIP).
+      size = os.path.getsize(ckpt) if os.path.isfile(ckpt) else dir_bytes(ckpt)
+      source = f' it stays in {ckpt} ({human_bytes(size)})'
+    else:
+      source = (' no backbone.checkpoint was given, so it is a random initialisation '
+                f'(seed {exp.config.seed})')
     lines.append(f'delta on disk: {human_bytes(delta_disk)} (step {step}); the frozen backbone '
                  f'({human_bytes(frozen_bytes)} of params) is not copied into the workdir:'
                  f'{source}')

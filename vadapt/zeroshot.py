@@ -11,6 +11,7 @@ import functools
 
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +64,39 @@ def _fill(template: Template, name: str) -> str:
   return template(name) if callable(template) else template.format(name)
 
 
-def _batched(fn: Callable[[jax.Array], jax.Array], inputs: np.ndarray,
+def check_prompt_lengths(tokenizer: Callable, class_names: Sequence[str],
+                         templates: Sequence[Template]) -> None:
+  """Prompts must fit the text tower's context, at least up to the end of the class name.
+
+  The tokenizer cuts longer prompts (OpenAI's truncate=True). A cut behind the class name is a
+  warning; a cut into it is an error, since every class would then get the same prompt. Needs a
+  tokenizer with `encode` (ids without start/end tokens) and `context_length`, as
+  vadapt.tokenizer.CLIPTokenizer has; other tokenizers are not checked.
+  """
+  encode, length = getattr(tokenizer, 'encode', None), getattr(tokenizer, 'context_length', None)
+  if encode is None or length is None:
+    return
+  room = length - 2  # Start and end tokens.
+  marker = '\x00'
+  cut = []
+  for template in templates:
+    head = _fill(template, marker).split(marker)[0]
+    for name in class_names:
+      prompt = _fill(template, name)
+      if len(encode(prompt)) <= room:
+        continue
+      if len(encode(head + name)) > room:
+        raise ValueError(
+            f'The prompt {prompt[:80]!r}... is {len(encode(prompt)) + 2} tokens long and the text '
+            f'tower reads {length}: cutting it would remove the class name {name!r}, so classes '
+            'would get the same prompt. Shorten the template or the class name.')
+      cut.append(prompt)
+  if cut:
+    logging.warning('%d prompt(s) are longer than the text tower\'s %d tokens and are cut after '
+                    'the class name, e.g. %r.', len(cut), length, cut[0][:80])
+
+
+def batched(fn: Callable[[jax.Array], jax.Array], inputs: np.ndarray,
              batch_size: int) -> np.ndarray:
   """Applies a jitted fn in fixed-size batches (the last one padded, so it compiles once)."""
   n = len(inputs)
@@ -88,14 +121,14 @@ def encode_images(model: clip_model.CLIP, params: Params, images: np.ndarray, *,
                   batch_size: int = 64) -> np.ndarray:
   """Images (N, H, W, C) -> unnormalised image embeddings (N, E)."""
   fn = lambda x: _encode(model, params, x, 'encode_image')
-  return _batched(fn, images, batch_size)
+  return batched(fn, images, batch_size)
 
 
 def encode_texts(model: clip_model.CLIP, params: Params, token_ids: np.ndarray, *,
                  batch_size: int = 256) -> np.ndarray:
   """Token ids (N, L) -> unnormalised text embeddings (N, E)."""
   fn = lambda x: _encode(model, params, x, 'encode_text')
-  return _batched(fn, token_ids, batch_size)
+  return batched(fn, token_ids, batch_size)
 
 
 def zero_shot_classifier(model: clip_model.CLIP, params: Params, tokenizer: Callable,
@@ -116,6 +149,7 @@ def zero_shot_classifier(model: clip_model.CLIP, params: Params, tokenizer: Call
     raise ValueError('zero_shot_classifier needs at least one class name; got an empty list.')
   if not templates:
     raise ValueError('zero_shot_classifier needs at least one prompt template; got none.')
+  check_prompt_lengths(tokenizer, class_names, templates)
   prompts = [_fill(t, name) for name in class_names for t in templates]
   embeddings = encode_texts(model, params, np.asarray(tokenizer(prompts)), batch_size=batch_size)
   embeddings = clip_model.l2_normalize(jnp.asarray(embeddings, jnp.float32))

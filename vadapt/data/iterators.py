@@ -125,6 +125,20 @@ def eval_dataset(table: Table, *, global_batch_size: int, image_size: int,
   return ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
+def undecodable_error(table: Table) -> ValueError:
+  """Finds the first image of `table` that does not decode: a ValueError naming it."""
+  for i in range(len(table)):
+    try:
+      data = (tf.io.read_file(str(table.images[i])) if table.kind == 'files'
+              else tf.constant(table.images[i]))
+      _decode(data)
+    except tf.errors.OpError as e:
+      what = repr(str(table.images[i])) if table.kind == 'files' else f'example {i} of the split'
+      reason = e.message.strip().splitlines()[0] if e.message else type(e).__name__
+      return ValueError(f'Image {what} cannot be decoded ({reason}): remove or replace it.')
+  return ValueError('An image of the split cannot be decoded.')
+
+
 # Decoded tables above this size stay encoded: memory matters more than decode time then.
 DECODE_LIMIT_BYTES = 2 ** 31
 
@@ -141,9 +155,12 @@ def decode_all(table: Table, limit_bytes: int = DECODE_LIMIT_BYTES) -> Table:
   ds = tf.data.Dataset.range(len(table)).map(lambda i: lookup(i)[0],
                                              num_parallel_calls=tf.data.AUTOTUNE)
   images = []
-  for image in ds.as_numpy_iterator():
-    if (images and image.shape != images[0].shape) or image.nbytes * len(table) > limit_bytes:
-      return table
-    images.append(image)
+  try:
+    for image in ds.as_numpy_iterator():
+      if (images and image.shape != images[0].shape) or image.nbytes * len(table) > limit_bytes:
+        return table
+      images.append(image)
+  except tf.errors.OpError:
+    raise undecodable_error(table) from None
   return Table(images=np.stack(images), labels=table.labels, class_names=table.class_names,
                kind='pixels')

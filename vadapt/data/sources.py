@@ -96,6 +96,19 @@ def _list_images(class_dir: str) -> list[str]:
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
 
 
+# Leading bytes of each accepted format: a file without them is not an image, whatever its name.
+_MAGIC = (b'\xff\xd8', b'\x89PNG', b'GIF8', b'BM')
+
+
+def check_image_file(path: str) -> None:
+  """Raises ValueError naming `path` unless it starts like a jpg/png/gif/bmp file."""
+  with open(path, 'rb') as f:
+    head = f.read(8)
+  if not head.startswith(_MAGIC):
+    what = 'is empty' if not head else 'is not a jpg, png, gif or bmp image'
+    raise ValueError(f'Image file {path!r} {what}: remove or replace it.')
+
+
 def _class_dirs(root: str) -> list[str]:
   return sorted(d for d in os.listdir(root)
                 if os.path.isdir(os.path.join(root, d)) and not d.startswith('.'))
@@ -120,6 +133,8 @@ def _read_class_folders(root: str, class_names: Optional[Sequence[str]] = None) 
     if not files:
       raise FileNotFoundError(f'Class folder {os.path.join(root, name)!r} holds no images '
                               f'(looked for {", ".join(IMAGE_EXTENSIONS)}).')
+    for f in files:
+      check_image_file(f)
     paths += files
     labels += [list(class_names).index(name)] * len(files)
   # A fixed shuffle mixes the classes, so "the first n examples" (VTAB-1k, split slicing) is a

@@ -39,7 +39,8 @@ def prompt_tokens(tokenizer: Callable[[list[str]], np.ndarray], class_names: Seq
   """Token ids (C, T, L) of every template filled with every class name, as nested tuples.
 
   Trailing padding common to all prompts is dropped: the text tower reads features at the
-  end-of-text token and uses the leading position embeddings for shorter sequences.
+  end-of-text token and uses the leading position embeddings for shorter sequences. A prompt cut
+  to the context length is a warning, or an error where the cut removes the class name.
   """
   class_names, templates = list(class_names), list(templates)
   if not class_names:
@@ -51,6 +52,7 @@ def prompt_tokens(tokenizer: Callable[[list[str]], np.ndarray], class_names: Seq
   bad = [t for t in templates if not isinstance(t, str) or t.count('{}') != 1]
   if bad:
     raise ValueError(f"Prompt templates must be strings with exactly one '{{}}'; found {bad}.")
+  zeroshot.check_prompt_lengths(tokenizer, class_names, templates)
   prompts = [t.format(name) for name in class_names for t in templates]
   ids = np.asarray(tokenizer(prompts))
   length = int(np.max(np.nonzero(ids.any(axis=0))[0])) + 1
@@ -122,6 +124,10 @@ class CLIPClassifier(nn.Module):
   def image_features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Unnormalised image embeddings (B, E) (before any CLIP-Adapter)."""
     return self.clip.encode_image(images, train=train)
+
+  def text_features(self, token_ids: jax.Array, *, train: bool = False) -> jax.Array:
+    """Unnormalised text embeddings (B, E) of token ids (B, L) (retrieval, captions)."""
+    return self.clip.encode_text(token_ids, train=train)
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     features = self.image_features(images, train=train)

@@ -87,7 +87,8 @@ def _over_table(config: ml_collections.ConfigDict, table, fn: Callable, params: 
       family=family, process_index=0, process_count=1,
       crop_fraction=config.input.get('eval_crop_fraction'))
   outputs, labels = [], []
-  for batch in ds.as_numpy_iterator():
+  total = iterators.num_eval_batches(len(table), config.eval_batch_size)
+  for batch in metrics_lib.progress_iter(ds.as_numpy_iterator(), total=total, desc='features'):
     mask = np.asarray(batch['mask'], bool)
     outputs.append(np.asarray(fn(params, batch['image']))[mask])
     labels.append(np.asarray(batch['label'])[mask])
@@ -120,8 +121,7 @@ def zero_shot(config: ml_collections.ConfigDict, workdir: Optional[str] = None
   _, eval_table = input_pipeline.load_tables(config.input)
   logits, labels = _over_table(config, eval_table, model_fn(model, '__call__'), params)
   result = {'zeroshot/accuracy': float(np.mean(np.argmax(logits, -1) == labels)),
-            'zeroshot/examples': int(len(labels)), 'num_classes': info.num_classes,
-            'evaluated': evaluated}
+            'zeroshot/examples': int(len(labels)), 'num_classes': info.num_classes}
   metrics_lib.log(f'zero-shot top-1 accuracy {result["zeroshot/accuracy"]:.4f} on '
                   f'{len(labels)} examples of {config.input.get("eval_split")!r} '
                   f'({info.num_classes} classes, {len(config.clip.templates)} template(s)) with '
@@ -150,7 +150,7 @@ def tip_adapter(config: ml_collections.ConfigDict, workdir: Optional[str] = None
   classifier = jax.jit(lambda p: train_apply(model, p, 'classifier'))(params)
   logit_scale = params['logit_scale']
   alpha, beta = float(config.clip.tip_alpha), float(config.clip.tip_beta)
-  result: dict[str, Any] = {'tip/cache_size': int(len(key_labels)), 'evaluated': evaluated}
+  result: dict[str, Any] = {'tip/cache_size': int(len(key_labels))}
   search_split = config.clip.get('tip_search_split')
   if search_split:
     search_input = copy.deepcopy(config.input)

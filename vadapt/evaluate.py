@@ -45,7 +45,11 @@ def eval_iterator(exp: Experiment) -> Iterator[dict]:
 def run_eval(exp: Experiment, eval_step: Callable, delta: Any) -> dict[str, float]:
   batch_sh = sharding_lib.batch_sharding(exp.mesh)
   totals = {'correct': 0.0, 'count': 0.0, 'loss_sum': 0.0}
-  for batch in eval_iterator(exp):
+  from vadapt.data import iterators  # pylint: disable=g-import-not-at-top
+  batches = metrics_lib.progress_iter(
+      eval_iterator(exp), desc='eval',
+      total=iterators.num_eval_batches(exp.info.num_eval, exp.config.eval_batch_size))
+  for batch in batches:
     out = jax.device_get(eval_step(delta, exp.frozen, sharding_lib.put_global_batch(
         {k: batch[k] for k in ('image', 'label', 'mask')}, batch_sh)))
     for k in totals:

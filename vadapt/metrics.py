@@ -1,9 +1,10 @@
-"""Metric writers (TensorBoard + JSON lines) and the progress line printed while training."""
+"""Metric writers (TensorBoard + JSON lines), progress bars and the progress line of training."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Mapping, Optional
 
@@ -80,26 +81,47 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Measures throughput between log points and formats the progress line.
+  """Training progress: a tqdm bar with ETA on a terminal, and the logged progress lines.
 
-  The first interval after (re)start includes compilation; img/s excludes nothing, so it is
-  honest about what a user waits for, and the ETA uses the latest interval only.
+  Compilation is timed on its own: `compiled(step)` after the first step of a run reports the
+  compile time and starts the throughput clock, so no interval's img/s or ETA includes it.
 
   Attributes:
     total_steps: the step training ends at.
     global_batch_size: images per step across all devices.
+    compile_sec: seconds of the first step (compilation included), once `compiled` was called.
   """
 
-  def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0):
+  def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0, *,
+               bar: Optional[bool] = None):
     self.total_steps = total_steps
     self.global_batch_size = global_batch_size
+    self.compile_sec: Optional[float] = None
     self._last_step = start_step
-    self._last_time = time.perf_counter()
+    self._start = self._last_time = time.perf_counter()
+    self._enable_bar = bar
+    self._bar = None  # Made after compilation, so its rate and ETA never include it.
+
+  def compiled(self, step: int) -> float:
+    """Call when `step` (the run's first) has finished: its time is compile time, not progress."""
+    now = time.perf_counter()
+    self.compile_sec = now - self._start
+    self._last_step, self._last_time = step, now
+    self._bar = make_bar(total=self.total_steps, initial=step, desc='train', unit='step',
+                         enable=self._enable_bar)
+    return self.compile_sec
+
+  def update(self, step: int) -> None:
+    """Moves the bar to `step` (cheap: call every step)."""
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
 
   def tick(self, step: int) -> dict[str, float]:
     """Returns {'img_per_sec', 'sec_per_step', 'eta_sec'} over the steps since the last tick."""
     now = time.perf_counter()
-    steps = max(step - self._last_step, 1)
+    steps = step - self._last_step
+    if steps <= 0:  # Only the (compiling) first step since the start: no rate to report yet.
+      return {}
     dt = max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
     sec_per_step = dt / steps
@@ -117,10 +139,64 @@ class Progress:
     if 'img_per_sec' in timing:
       parts.append(f'{timing["img_per_sec"]:.1f} img/s')
       parts.append(f'ETA {format_duration(timing["eta_sec"])}')
+    elif self.compile_sec is not None and step == self._last_step:
+      parts.append(f'compiled in {self.compile_sec:.1f}s')
     return ' | '.join(parts)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+
+_BARS: list = []  # Open bars: log() writes above them instead of through them.
+
+
+def make_bar(*, total: int, initial: int = 0, desc: str = '', unit: str = 'it',
+             enable: Optional[bool] = None, leave: bool = True):
+  """A tqdm bar on stderr for the primary process, or None.
+
+  enable=None shows it only when stderr is a terminal (not in logs, pipes or tests).
+  """
+  if enable is None:
+    enable = sys.stderr.isatty()
+  if not enable or jax.process_index() != 0:
+    return None
+  from tqdm import auto as tqdm_auto  # pylint: disable=g-import-not-at-top
+  bar = tqdm_auto.tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave,
+                       dynamic_ncols=True, file=sys.stderr)
+  _BARS.append(bar)
+  original_close = bar.close
+
+  def close():
+    if bar in _BARS:
+      _BARS.remove(bar)
+    original_close()
+  bar.close = close
+  return bar
+
+
+def progress_iter(iterable, *, total: Optional[int], desc: str, unit: str = 'batch'):
+  """Iterates `iterable` behind a transient progress bar (evaluation, feature extraction)."""
+  bar = make_bar(total=total or 0, desc=desc, unit=unit, leave=False)
+  if bar is None:
+    yield from iterable
+    return
+  try:
+    for item in iterable:
+      yield item
+      bar.update(1)
+  finally:
+    bar.close()
 
 
 def log(message: str) -> None:
   """Prints on the primary process only (absl's INFO goes to stderr, unseen by default)."""
-  if jax.process_index() == 0:
+  if jax.process_index() != 0:
+    return
+  if _BARS:  # Above the bars, which redraw below.
+    from tqdm import auto as tqdm_auto  # pylint: disable=g-import-not-at-top
+    tqdm_auto.tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+  else:
     print(message, flush=True)

@@ -157,7 +157,6 @@ def evaluate_retrieval(config: ml_collections.ConfigDict, workdir: Optional[str]
                                                       dataset.text_to_image)
   result['retrieval/images'] = len(dataset.images)
   result['retrieval/captions'] = len(dataset.captions)
-  result['evaluated'] = evaluated
   metrics_lib.log(
       f'retrieval on {len(dataset.images)} images, {len(dataset.captions)} captions of {path!r}: '
       f'image->text R@1/5/10 {result["image_to_text/R@1"]:.4f}/{result["image_to_text/R@5"]:.4f}/'

@@ -295,6 +295,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for step in range(start_step + 1, c.total_steps + 1):
       batch = next(train_iter)
       delta, opt_state, m = train_step(delta, opt_state, exp.frozen, batch, step - 1)
+      if step == start_step + 1:  # Compilation: timed apart, so no interval's rate includes it.
+        jax.block_until_ready(m)
+        metrics_lib.log(f'Compiled the train step and ran step {step} in '
+                        f'{progress.compiled(step):.1f}s.')
+      progress.update(step)
       if pending is not None:
         check(*pending)
       pending = (step, m)
@@ -309,8 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         timing = progress.tick(step)
         avg = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
         history.clear()
-        writer.write_scalars(step, {**{f'train/{k}': v for k, v in avg.items()},
-                                    'train/img_per_sec': timing['img_per_sec']})
+        rate = {'train/img_per_sec': timing['img_per_sec']} if timing else {}
+        writer.write_scalars(step, {**{f'train/{k}': v for k, v in avg.items()}, **rate})
         metrics_lib.log(progress.line(step, avg, timing))
         final_metrics.update({f'train/{k}': v for k, v in avg.items()})
       if (c.checkpoint_every and step % c.checkpoint_every == 0) or is_last:
@@ -320,6 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write_scalars(step, ev)
         metrics_lib.log(f'step {step}: eval accuracy {ev["eval/accuracy"]:.4f}')
   finally:
+    progress.close()
     checkpointer.wait()
     writer.flush()
 

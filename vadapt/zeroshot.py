@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vadapt import metrics as metrics_lib
 from vadapt.models import clip as clip_model
 
 Template = Union[str, Callable[[str], str]]
@@ -101,7 +102,8 @@ def batched(fn: Callable[[jax.Array], jax.Array], inputs: np.ndarray,
   """Applies a jitted fn in fixed-size batches (the last one padded, so it compiles once)."""
   n = len(inputs)
   outputs = []
-  for start in range(0, n, batch_size):
+  starts = range(0, n, batch_size)
+  for start in metrics_lib.progress_iter(starts, total=len(starts), desc='encode'):
     chunk = np.asarray(inputs[start:start + batch_size])
     size = len(chunk)
     if size < batch_size and n > batch_size:

@@ -9,7 +9,7 @@ WORKDIR ?= workdir/digits_demo
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[cpu,test]'
 	touch $(BIN)/activate
 
 venv: $(BIN)/activate

@@ -26,7 +26,12 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 import numpy as np
-import tensorflow as tf
+
+try:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+except ImportError as e:  # TensorFlow is left to the environment (see pyproject.toml's extras).
+  raise ImportError("vadapt's input pipeline (tf.data) needs TensorFlow: install it, or "
+                    "pip install 'vadapt[cpu]' for the CPU build.") from e
 
 from vadapt.data import iterators
 from vadapt.data import preprocess as preprocess_lib

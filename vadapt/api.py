@@ -139,7 +139,8 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
   if method == 'conv':
     if layers is not None:
       raise ValueError("method 'conv' adapts every ResNet block; pass targets= regexes to pick "
-                       'blocks, e.g. r"ResNetBlock_[4-7]" (BottleneckResNetBlock_* in ResNet-50 and deeper).')
+                       'blocks, e.g. r"ResNetBlock_[4-7]" (BottleneckResNetBlock_* in ResNet-50 '
+                       'and deeper).')
     return Adapted(backbone=backbone, targets=placements.resnet_blocks(config))
 
   num_layers = getattr(backbone, 'num_layers', None)

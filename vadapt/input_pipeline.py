@@ -85,8 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Random-resized-crop area range; None or () (on the command line: --config.input.crop_scale=())
   # for a plain resize.
   c.crop_scale = config_dict.FieldReference((0.08, 1.0), field_type=tuple)
-  c.flip = config_dict.placeholder(bool)  # horizontal flip in training; None: on, except for digits
-  c.eval_crop_fraction = config_dict.placeholder(float)  # None: the family's default (0.875 vit, 1.0 clip)
+  c.flip = config_dict.placeholder(bool)  # train-time horizontal flip; None: on, except digits
+  # None: the family's default (0.875 vit/imagenet, 1.0 clip).
+  c.eval_crop_fraction = config_dict.placeholder(float)
   return c
 
 

@@ -44,7 +44,7 @@ MODES = {
     'predict': 'classify image files or folders (--images) with the exported adapter: top-k '
                'class names and probabilities',
     'zeroshot': "CLIP zero-shot accuracy (with the workdir's trained adapters, if any)",
-    'tip_adapter': "training-free Tip-Adapter on CLIP (with the workdir's trained adapters, if any)",
+    'tip_adapter': "training-free Tip-Adapter (with the workdir's trained adapters, if any)",
     'retrieval': "CLIP image-text retrieval recall (with the workdir's trained adapters, if any)",
 }
 

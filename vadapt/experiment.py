@@ -62,7 +62,7 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for name in _METHOD_FIELDS.get(method, _ADAPTER_FIELDS):
       value = config.adapter.get(name)
       spec[name] = list(value) if isinstance(value, tuple) else value
-    if spec['reduction_factor'] is not None:  # Documented to replace the (default) bottleneck.
+    if spec.get('reduction_factor') is not None:  # Documented to replace bottleneck.
       spec['bottleneck'] = None
     if config.adapter.get('scope'):
       spec['scope'] = config.adapter.scope

@@ -364,8 +364,10 @@ class Encoder(nn.Module):
   def __call__(self, x: jax.Array, *, cls_token: Optional[jax.Array] = None,
                registers: Optional[jax.Array] = None,
                patch_grid: Optional[tuple[int, int]] = None,
-               train: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Returns (encoded (B, T, D), per-block outputs (depth, B, T, D)).
+               train: bool = False, keep_blocks: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Returns (encoded (B, T, D), per-block outputs (depth, B, T, D), or None unless
+    keep_blocks: a batch replicated partway up the stack, as multi-task inference does, has
+    blocks of different batch sizes).
 
     Tokens are [cls_token, registers..., x...]; registers get no position embedding (as in
     DINOv2). patch_grid (gh, gw) is x's patch grid, needed with posemb_grid.
@@ -408,7 +410,7 @@ class Encoder(nn.Module):
       for i in range(self.num_layers):
         x = block_cls(name=f'encoderblock_{i}', **block_kwargs)(x, not train)
         outputs.append(x)
-      blocks = jnp.stack(outputs)
+      blocks = jnp.stack(outputs) if keep_blocks else None
     encoded = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                            param_dtype=self.param_dtype, name='encoder_norm')(x)
     return encoded, blocks
@@ -555,7 +557,8 @@ class VisionTransformer(nn.Module):
         attention_dropout_rate=self.attention_dropout_rate, scan=self.scan, remat=self.remat,
         remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
         name='Transformer',
-    )(x, cls_token=cls_token, registers=registers, patch_grid=(gh, gw), train=train)
+    )(x, cls_token=cls_token, registers=registers, patch_grid=(gh, gw), train=train,
+      keep_blocks=return_features)
 
     prefix = (cls_token is not None) + self.num_registers  # tokens before the patches
     if self.classifier == 'token':

@@ -27,6 +27,7 @@ __version__ = '0.1.0'
 
 _LAZY_SUBMODULES = (
     'api', 'artifacts', 'backbones', 'checkpoint', 'clip_modes', 'evaluate', 'experiment',
+    'adapter_dir', 'arithmetic', 'composition', 'multi',
     'export', 'inject', 'input_pipeline', 'layers', 'losses', 'merge', 'metrics', 'placements',
     'retrieval',
     'sharding', 'tokenizer', 'train', 'zeroshot', 'adapters', 'models', 'pretrained', 'data',

@@ -17,8 +17,8 @@ is the label rules' business (`rules`), so training one leaves the others bit-id
 The `adapter=` argument of a call:
   None                   no adapter (the backbone alone; without heads)
   'name'                 that adapter and its head; static, so a different name is another trace
-  int array, () or (B,)  the adapter's index (`index`, `indices`) for the whole batch or per example;
-                         -1 is no adapter. Data: switching re-traces nothing. Adapters of the same
+  int array, () or (B,)  the adapter's index (`index`, `indices`) for the whole batch or per
+                         example; -1 is no adapter. Data: switching re-traces nothing. Adapters of the same
                          structure at a module are stacked and the chosen one is gathered; other
                          structures are computed and masked. Logits of heads narrower than the
                          widest are padded with -inf.
@@ -136,6 +136,10 @@ class _Head(nn.Module):
 
   @nn.compact
   def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
+    if not self.has_variable('params', 'kernel') and not self.is_mutable_collection('params'):
+      raise ValueError(f'Adapter {self.name!r} has no head parameters (expected '
+                       f'{HEADS}/{self.name}/kernel): initialise it with multi.init_missing (or '
+                       'api.init_with_pretrained) after adding it.')
     kernel = self.param('kernel', nn.initializers.zeros, (features, self.num_classes))
     bias = self.param('bias', nn.initializers.zeros, (self.num_classes,))
     return kernel, bias
@@ -150,8 +154,10 @@ class _Heads(nn.Module):
   widths: tuple[tuple[str, int], ...]
 
   @nn.compact
-  def __call__(self, features: int) -> dict[str, tuple[jax.Array, jax.Array]]:
-    return {n: _Head(c, name=n)(features) for n, c in self.widths}
+  def __call__(self, features: int,
+               names: Optional[Sequence[str]] = None) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """The heads `names` (default: all) as (kernel, bias)."""
+    return {n: _Head(c, name=n)(features) for n, c in self.widths if names is None or n in names}
 
 
 def _first_array(args, kwargs):
@@ -432,6 +438,7 @@ class MultiAdapted(inject.Adapted):
       out = getattr(self.backbone, method)(*args, **kwargs)
     if method == '__call__':
       interceptor.check()
+    self._check_names(interceptor)
     if (self.head_bank is not None and isinstance(out, jax.Array)
         and self.is_mutable_collection('params')):
       self.head_bank(out.shape[-1])  # Initialisation creates every head.
@@ -454,18 +461,18 @@ class MultiAdapted(inject.Adapted):
     if isinstance(adapter, (list, tuple)) and all(isinstance(a, (str, type(None)))
                                                   for a in adapter):
       return self.indices(adapter)
-    index = jnp.asarray(adapter)
+    traced = isinstance(adapter, jax.core.Tracer)
+    index = adapter if traced else np.asarray(adapter)
     if not jnp.issubdtype(index.dtype, jnp.integer) or index.ndim > 1:
       raise TypeError(f'adapter= takes a name, a composition block, or integer indices of shape '
-                      f'() or (batch,); found {getattr(index, "dtype", None)} of shape '
-                      f'{getattr(index, "shape", None)}.')
-    if not isinstance(index, jax.core.Tracer):
-      bad = np.asarray(index)[(np.asarray(index) < -1) | (np.asarray(index) >= len(self.adapters))]
+                      f'() or (batch,); found {index.dtype} of shape {index.shape}.')
+    if not traced:  # Concrete indices are checked; traced ones cannot be (jnp.take clamps).
+      bad = index[(index < -1) | (index >= len(self.adapters))]
       if bad.size:
         raise ValueError(f'Adapter indices {sorted(set(bad.tolist()))} are out of range: '
                          f'{len(self.adapters)} adapters are loaded ({list(self.names())}), '
                          'and -1 means none.')
-    return index.astype(jnp.int32)
+    return jnp.asarray(index, jnp.int32)
 
   def _parallel(self, method, block, args, kwargs, head, common):
     members = np.asarray([self.index(m) for m in block.members], np.int32)
@@ -478,10 +485,21 @@ class MultiAdapted(inject.Adapted):
       out = getattr(self.backbone, method)(*args, **kwargs)
     if method == '__call__':
       interceptor.check()
+    self._check_names(interceptor)
     n, batch = len(members), x.shape[0]
     outs = jax.tree.map(lambda o: o.reshape((n, batch) + o.shape[1:]), out)
     return tuple(self._head(jax.tree.map(lambda o, k=k: o[k], outs), ('static', int(i)), head)
                  for k, i in enumerate(members))
+
+  @nn.nowrap
+  def _check_names(self, interceptor):
+    # Parameters are attributed to adapters by path segment: a backbone module of the same name
+    # would be mistaken for one.
+    segments = {part for path in interceptor.seen for part in path.split('/')}
+    clash = sorted(segments & (set(self.names()) | {HEADS}))
+    if clash:
+      raise ValueError(f'Adapter names {clash} are also module names of the backbone; rename the '
+                       'adapters.')
 
   @nn.nowrap
   def _replication_point(self, method, block, args, kwargs, drop_lowest) -> Optional[str]:
@@ -508,14 +526,15 @@ class MultiAdapted(inject.Adapted):
                       f'{type(out).__name__}.')
     if self.head_bank is None:
       raise ValueError(f'head={head!r} was asked for, but no adapter has a head of its own.')
-    banks = self.head_bank(out.shape[-1])
     if isinstance(head, str):
-      if head not in banks:
-        raise KeyError(f'No head named {head!r}; adapters with heads: {sorted(banks)}.')
-      kernel, bias = banks[head]
+      with_heads = [a.name for a in self.adapters if a.num_classes]
+      if head not in with_heads:
+        raise KeyError(f'No head named {head!r}; adapters with heads: {with_heads}.')
+      kernel, bias = self.head_bank(out.shape[-1], (head,))[head]
       return out @ kernel.astype(out.dtype) + bias.astype(out.dtype)
     # Data: pad every head to the widest and gather the selected one.
     index = head
+    banks = self.head_bank(out.shape[-1])
     width = max(k.shape[1] for k, _ in banks.values())
     kernels = jnp.stack([jnp.pad(banks[a.name][0], ((0, 0), (0, width - a.num_classes)))
                          for a in self.adapters])

@@ -120,3 +120,59 @@ def test_different_structures_are_refused(setup):
     arithmetic.weighted_sum([a, a], [1, 2, 3])
   with pytest.raises(ValueError, match='differ'):
     arithmetic.add_adapter(model, params, 'x', w, like='a')
+
+
+def test_lora_merges(setup):
+  _, _, x = setup
+  from vadapt.adapters.lora import LoRAConfig, lora_delta  # pylint: disable=g-import-not-at-top
+  from vadapt.composition import Average  # pylint: disable=g-import-not-at-top
+
+  def lora(name, alpha):
+    cfg = LoRAConfig(rank=2, alpha=alpha)
+    return multi.NamedAdapter(name, (inject.Target('fc1', cfg, 'parallel', name='lora'),
+                                     inject.Target('fc2', cfg, 'parallel', name='lora')))
+
+  model = multi.adapt(Features(), [lora('p', 4.0), lora('q', None)])
+  params = jax.jit(model.init)(jax.random.key(1), x)['params']
+  rng = np.random.default_rng(3)
+  params = unflatten({k: np.asarray(v) + rng.normal(size=v.shape).astype(np.float32)
+                      if multi.owner(k, model.names()) else v for k, v in flatten(params).items()})
+  p, q = (arithmetic.delta(model, params, n) for n in 'pq')
+  scales = arithmetic.lora_scales(model, ['p', 'q'])
+  assert scales == [2.0, 1.0]
+  w = [0.7, -0.4]
+  cat = arithmetic.lora_cat([p, q], w, scales)
+  assert cat['fc1/*.lora/a'].shape == (8, 4) and cat['fc1/*.lora/b'].shape == (4, 12)
+  kernel = (12, 6)
+  update = lambda d, s=1.0: lora_delta(d['fc2/*.lora/a'], d['fc2/*.lora/b'], kernel, s)
+  np.testing.assert_allclose(update(cat), w[0] * update(p, 2.0) + w[1] * update(q),
+                             rtol=1e-5, atol=1e-5)
+  # The merged adapter computes what averaging the two adapters' outputs computes.
+  merged, merged_params = arithmetic.add_adapter(model, params, 'pq', cat, like='p',
+                                                 adapter_config=LoRAConfig(rank=4))
+  out = jax.jit(lambda v: merged.apply({'params': v}, x, adapter='pq'))(merged_params)
+  avg = jax.jit(lambda v: merged.apply({'params': v}, x, adapter=Average('p', 'q', weights=w)))
+  np.testing.assert_allclose(out, avg(merged_params), rtol=1e-5, atol=1e-5)
+  # LoRA adapters (which read the layer's kernel) in a mixed batch: all run, each row masked.
+  names = ['q', 'pq', 'p', 'q', 'pq']
+  mixed = jax.jit(lambda v, i: merged.apply({'params': v}, x, adapter=i))(
+      merged_params, merged.indices(names))
+  alone = {n: jax.jit(lambda v, n=n: merged.apply({'params': v}, x, adapter=n))(merged_params)
+           for n in set(names)}
+  for row, n in enumerate(names):
+    np.testing.assert_allclose(mixed[row], alone[n][row], rtol=1e-6, atol=1e-6)
+  # SVD: full rank reproduces the update; rank 1 is the best rank-1 approximation.
+  full = arithmetic.lora_svd([p, q], w, scales, rank=4)
+  np.testing.assert_allclose(update(full), update(cat), rtol=1e-4, atol=1e-4)
+  one = arithmetic.lora_svd([p, q], w, scales, rank=1)
+  assert one['fc2/*.lora/a'].shape == (12, 1)
+  sv = np.linalg.svd(np.asarray(update(cat)), compute_uv=False)
+  np.testing.assert_allclose(np.linalg.norm(update(cat) - update(one)),
+                             np.sqrt((sv[1:] ** 2).sum()), rtol=1e-4)
+  linear = arithmetic.lora_linear([p, q], [0.25, 0.25], scales)
+  np.testing.assert_allclose(linear['fc1/*.lora/b'], 0.5 * (p['fc1/*.lora/b'] + q['fc1/*.lora/b']),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match='square roots'):
+    arithmetic.lora_linear([p, q], w, scales)
+  with pytest.raises(ValueError, match=r'rank must be in \[1, 6\]'):
+    arithmetic.lora_svd([p, q], w, scales, rank=7)

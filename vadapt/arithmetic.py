@@ -19,13 +19,14 @@ The result is an ordinary adapter: it is served, exported and loaded like any ot
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vadapt import multi
+from vadapt.adapters.lora import LoRAConfig
 from vadapt.pretrained.common import flatten, unflatten
 
 Delta = dict[str, jax.Array]
@@ -160,14 +161,112 @@ def dare(deltas: Sequence[Delta], weights: Sequence[float], density: float, rng:
   return merge([{k: jnp.asarray(v) for k, v in d.items()} for d in deltas], rng)
 
 
+# LoRA (vadapt.adapters.lora): the update of a layer is s * A B, linear in each factor, so the
+# merges act on the factors the way peft's add_weighted_adapter does.
+
+
+def _lora_pairs(d: Delta) -> dict[str, tuple[jax.Array, jax.Array]]:
+  prefixes = sorted({k[:-2] for k in d if k.endswith('/a') or k.endswith('/b')})
+  missing = [p for p in prefixes if p + '/a' not in d or p + '/b' not in d]
+  if not prefixes or missing:
+    raise ValueError(f'LoRA merges need deltas of LoRA adapters (leaves .../a and .../b); '
+                     f'found {sorted(d)[:4]}.')
+  return {p: (jnp.asarray(d[p + '/a']), jnp.asarray(d[p + '/b'])) for p in prefixes}
+
+
+def lora_scales(model: multi.MultiAdapted, names: Sequence[str]) -> list[float]:
+  """Each LoRA adapter's s = alpha / r (one LoRA config per adapter)."""
+  scales = []
+  for n in names:
+    found = {t.adapter.scale for t in model.adapter(n).targets
+             if isinstance(t.adapter, LoRAConfig)}
+    if len(found) != 1:
+      raise ValueError(f'Adapter {n!r} needs exactly one LoRA scale for a LoRA merge; found '
+                       f'{sorted(found)}.')
+    scales.append(found.pop())
+  return scales
+
+
+def _others(deltas: Sequence[Delta], weights: Sequence[float]) -> Delta:
+  """The leaves that are not LoRA factors (heads): their weighted sum."""
+  rest = [{k: v for k, v in d.items() if not (k.endswith('/a') or k.endswith('/b'))}
+          for d in deltas]
+  return weighted_sum(rest, weights) if rest[0] else {}
+
+
+def lora_linear(deltas: Sequence[Delta], weights: Sequence[float],
+                scales: Sequence[float]) -> Delta:
+  """peft's 'linear' for LoRA adapters of one rank: A = sum sqrt(w_i) s_i A_i,
+  B = sum sqrt(w_i) B_i (weights must be >= 0); the result has scale 1."""
+  check_same_structure(deltas)
+  w = _weights(deltas, weights)
+  if min(w) < 0:
+    raise ValueError(f"LoRA 'linear' takes square roots of the weights; found {w}. Use "
+                     'lora_cat or lora_svd for negative weights.')
+  pairs = [_lora_pairs(d) for d in deltas]
+  out = {}
+  for p in pairs[0]:
+    out[p + '/a'] = sum(np.sqrt(wi) * si * ps[p][0] for wi, si, ps in zip(w, scales, pairs))
+    out[p + '/b'] = sum(np.sqrt(wi) * ps[p][1] for wi, ps in zip(w, pairs))
+  return {**out, **_others(deltas, w)}
+
+
+def lora_cat(deltas: Sequence[Delta], weights: Sequence[float],
+             scales: Sequence[float]) -> Delta:
+  """peft's 'cat': factors concatenated along the rank, so that the update is exactly
+  sum_i w_i s_i A_i B_i; the result has rank sum r_i and scale 1."""
+  w = _weights(deltas, weights)
+  pairs = [_lora_pairs(d) for d in deltas]
+  if any(ps.keys() != pairs[0].keys() for ps in pairs):
+    raise ValueError('LoRA cat needs adapters on the same layers.')
+  out = {}
+  for p in pairs[0]:
+    out[p + '/a'] = jnp.concatenate([wi * si * ps[p][0] for wi, si, ps in zip(w, scales, pairs)],
+                                    axis=-1)
+    out[p + '/b'] = jnp.concatenate([ps[p][1] for ps in pairs], axis=0)
+  return {**out, **_others(deltas, w)}
+
+
+def lora_svd(deltas: Sequence[Delta], weights: Sequence[float], scales: Sequence[float],
+             rank: int) -> Delta:
+  """peft's 'svd': the update sum_i w_i s_i A_i B_i re-factorised by a truncated SVD to
+  `rank` (the best rank-`rank` approximation); the result has scale 1."""
+  w = _weights(deltas, weights)
+  pairs = [_lora_pairs(d) for d in deltas]
+  if any(ps.keys() != pairs[0].keys() for ps in pairs):
+    raise ValueError('LoRA svd needs adapters on the same layers.')
+  out = {}
+  for p in pairs[0]:
+    a0, b0 = pairs[0][p]
+    in_dims, out_dims = a0.shape[:-1], b0.shape[1:]
+    update = sum(wi * si * (ps[p][0].reshape(-1, ps[p][0].shape[-1])
+                            @ ps[p][1].reshape(ps[p][1].shape[0], -1))
+                 for wi, si, ps in zip(w, scales, pairs))
+    if not 1 <= rank <= min(update.shape):
+      raise ValueError(f'rank must be in [1, {min(update.shape)}] for {p!r}; found {rank!r}.')
+    u, s, vh = jnp.linalg.svd(update, full_matrices=False)
+    out[p + '/a'] = (u[:, :rank] * s[:rank]).reshape(in_dims + (rank,))
+    out[p + '/b'] = vh[:rank].reshape((rank,) + out_dims)
+  return {**out, **_others(deltas, w)}
+
+
 def add_adapter(model: multi.MultiAdapted, params: Mapping, name: str, d: Delta, *,
-                like: str) -> tuple[multi.MultiAdapted, dict]:
+                like: str, adapter_config: Any = None) -> tuple[multi.MultiAdapted, dict]:
   """`model` and `params` with a new adapter `name` holding delta `d`, placed like `like`
-  (whose structure `d` must have; without head leaves in `d` the new adapter has no head)."""
-  reference = delta(model, params, like, heads=any(k.startswith(multi.HEADS + '/') for k in d))
-  check_same_structure([reference, d])
-  spec = model.adapter(like)
+  (whose structure `d` must have, unless `adapter_config` replaces the adapter config of every
+  target, e.g. LoRAConfig(rank=16) after lora_cat). Without head leaves in `d` the new adapter
+  has no head."""
   has_head = any(k.startswith(multi.HEADS + '/') for k in d)
+  reference = delta(model, params, like, heads=has_head)
+  if adapter_config is None:
+    check_same_structure([reference, d])
+  elif sorted(reference) != sorted(d):
+    raise ValueError(f'The delta holds other leaves than adapter {like!r}: '
+                     f'{sorted(set(reference) ^ set(d))[:4]}.')
+  spec = model.adapter(like)
+  if adapter_config is not None:
+    spec = dataclasses.replace(spec, targets=tuple(
+        dataclasses.replace(t, adapter=adapter_config) for t in spec.targets))
   new = dataclasses.replace(spec, name=name, num_classes=spec.num_classes if has_head else None,
                             class_names=spec.class_names if has_head else ())
   bigger = model.with_adapter(new)

@@ -18,9 +18,10 @@ The `adapter=` argument of a call:
   None                   no adapter (the backbone alone; without heads)
   'name'                 that adapter and its head; static, so a different name is another trace
   int array, () or (B,)  the adapter's index (`index`, `indices`) for the whole batch or per
-                         example; -1 is no adapter. Data: switching re-traces nothing. Adapters of the same
-                         structure at a module are stacked and the chosen one is gathered; other
-                         structures are computed and masked. Logits of heads narrower than the
+                         example; -1 is no adapter. Data: switching re-traces nothing. Bottleneck
+                         and conv adapters of one structure at a module are stacked and the
+                         chosen one gathered; others (other structures, LoRA, which reads the
+                         layer's kernel) all run and are masked. Logits of heads narrower than the
                          widest are padded with -inf.
   a list of names        the same per example, converted with `indices` (outside jit)
   Stack/Parallel/Average/Fuse   composition blocks (vadapt.composition); static
@@ -45,6 +46,8 @@ import numpy as np
 from vadapt import api
 from vadapt import composition
 from vadapt import inject
+from vadapt.adapters.bottleneck import BottleneckConfig
+from vadapt.adapters.conv import ConvAdapterConfig
 from vadapt.adapters.fusion import AdapterFusion
 from vadapt.pretrained.common import flatten, unflatten
 
@@ -56,6 +59,9 @@ _LAYER = re.compile(r'(?:^|/)(?:encoderblock|(?:Bottleneck)?ResNetBlock)_(\d+)(?
 HEADS = 'heads'
 _UNSET = object()
 _POSITIONS = ('output', 'parallel', 'input')
+# Adapters that depend only on their own parameters: same-structure ones are stacked and the
+# selected one gathered. Others (LoRA reads the adapted layer's kernel) are all run and masked.
+_GATHERABLE = (BottleneckConfig, ConvAdapterConfig)
 
 
 def check_name(name: str, what: str = 'Adapter') -> str:
@@ -249,8 +255,10 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
     members = [self.owner[i] for i in group]
     table = np.full(len(self.model.adapters) + 1, -1, np.int32)
     table[np.asarray(members) + 1] = np.arange(len(members))
-    params = [self._params(module, path, i, src, out_shape) for i in group]
     target = self.targets[group[0]]
+    if not isinstance(target.adapter, _GATHERABLE):
+      return self._masked(module, group, table, src, out_shape)
+    params = [self._params(module, path, i, src, out_shape) for i in group]
     rng = None if self.deterministic else module.make_rng('dropout')
     if self.copies is not None:  # Parallel: one block of rows per member, params per block.
       local = table[self.copies + 1]
@@ -279,6 +287,22 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
       mask = local >= 0
     mask = jnp.reshape(mask, mask.shape + (1,) * (out.ndim - mask.ndim))
     return jnp.where(mask, out, jnp.zeros_like(out))
+
+  def _masked(self, module, group, table, src, out_shape):
+    # Adapters that read the layer they adapt (LoRA reads its kernel) run bound, every member;
+    # each row keeps its own member's output (the others add exact zeros).
+    if self.copies is not None:
+      local = np.repeat(table[self.copies + 1], src.shape[0] // len(self.copies))
+    else:
+      local = jnp.asarray(table)[self.selection + 1]
+    out = None
+    for j, i in enumerate(group):
+      y = self._bound(module, self.targets[i], src, out_shape)
+      mask = local == j
+      mask = jnp.reshape(mask, mask.shape + (1,) * (y.ndim - mask.ndim))
+      y = jnp.where(mask, y, jnp.zeros_like(y))
+      out = y if out is None else out + y
+    return out
 
   # One adapted module.
 

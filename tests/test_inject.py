@@ -421,3 +421,26 @@ def test_adapter_drop_rejects_bad_rates_and_wrap_targets(backbone):
   v = jax.jit(adapted.init)(jax.random.key(0), x)
   with pytest.raises(ValueError, match="cannot drop the 'wrap' adapter on 'fc2'"):
     adapted.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)})
+
+
+def test_adapter_drop_acts_on_lora(backbone):
+  """AdapterDrop is the injection's, so weight-space methods (LoRA, at 'parallel') get it too."""
+  model, bb_params = backbone
+  x = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
+  adapted = api.adapt(model, 'lora', rank=2, drop_rate=0.5)
+  params = api.init_with_pretrained(adapted, bb_params, jax.random.key(4), x)
+  flat = flatten(params)
+  keys = jax.random.split(jax.random.key(6), len(flat))
+  params = unflatten({k: v + 0.3 * jax.random.normal(key, v.shape) if '/lora/' in k else v
+                      for key, (k, v) in zip(keys, flat.items())})
+  bare = unflatten({k: v for k, v in flat.items() if '/lora/' not in k})
+  none = np.asarray(jax.jit(model.apply)({'params': bare}, x))
+  every = np.asarray(jax.jit(adapted.apply)({'params': params}, x))
+  run = jax.jit(lambda rng: adapted.apply({'params': params}, x, train=True,
+                                          rngs={'dropout': rng}))
+  kinds = set()
+  for step in range(16):
+    out = np.asarray(run(jax.random.fold_in(jax.random.key(0), step)))
+    kinds.add('none' if np.allclose(out, none, rtol=1e-5, atol=1e-4) else
+              'every' if np.allclose(out, every, rtol=1e-5, atol=1e-4) else 'some')
+  assert kinds == {'none', 'every', 'some'} and not np.allclose(none, every, atol=1e-3)

@@ -201,6 +201,9 @@ def test_vpt_reachable_from_the_command_line(tmp_path):
     config = flags.FLAGS.config
     assert experiment.adapter_spec(config) == {'method': 'vpt_deep', 'prompts': 6, 'layers': None,
                                                'dropout': 0.0, 'drop_rate': 0.0}
+  # On CLIP, VPT's default scope is the image tower: the text classifier need not be recomputed.
+  assert not experiment.adapts_text_tower({'method': 'vpt_deep'})
+  assert experiment.adapts_text_tower({'method': 'houlsby'})
 
 
 def _backbone_params(config, model):

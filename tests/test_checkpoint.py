@@ -24,10 +24,11 @@ def get_config(**overrides):
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-  """A 4-step run with checkpoints at 2 and 4; adapter dropout on, so keys must follow the step."""
+  """A 4-step run with checkpoints at 2 and 4; adapter dropout and AdapterDrop on, so their keys
+  must follow the step for the resumed run to match."""
   root = tmp_path_factory.mktemp('ckpt')
   config = get_config(**{'total_steps': 4, 'checkpoint_every': 2, 'max_to_keep': 5,
-                         'adapter.dropout': 0.3})
+                         'adapter.dropout': 0.3, 'adapter.drop_rate': 0.5})
   result = train.train_and_evaluate(config, str(root / 'work'))
   return config, result, root
 
@@ -56,7 +57,7 @@ def test_meta_records_spec_and_fingerprint(run):
   meta = ckpt_lib.Checkpointer(str(root / 'work')).restore_meta(4)
   assert meta['step'] == 4
   assert meta['adapter']['method'] == 'houlsby' and meta['adapter']['bottleneck'] == 8
-  assert meta['adapter']['dropout'] == 0.3
+  assert meta['adapter']['dropout'] == 0.3 and meta['adapter']['drop_rate'] == 0.5
   assert meta['config']['adapter']['bottleneck'] == 8
   assert meta['backbone_fingerprint'] == ckpt_lib.fingerprint(result.frozen)
   assert len(meta['backbone_fingerprint']) == 64

@@ -1,5 +1,12 @@
-"""CLIP tokenizer: ids identical to transformers' CLIPTokenizer, truncation, padding, loading."""
+"""CLIP tokenizer: ids identical to OpenAI's clip.tokenize (and to transformers' CLIPTokenizer
+where ftfy and HTML unescaping leave the text alone), truncation, padding, loading."""
 
+import html
+import importlib.util
+import os
+import random
+
+import ftfy
 import numpy as np
 import pytest
 
@@ -22,9 +29,96 @@ TEXTS = [
 ]
 
 
+# What OpenAI's cleaning (ftfy, HTML unescaping, whole-string lowercasing) is there for.
+OPENAI_TEXTS = [
+    'A photo of a golden retriever playing fetch in the park.',
+    'Two people riding bicycles down a busy city street at night',
+    # HTML entities, once and twice escaped, named and numeric.
+    'Tom &amp; Jerry', '&quot;quoted&quot; &lt;b&gt;bold&lt;/b&gt;', 'fish &amp;amp; chips',
+    'it&#39;s &#x27;here&#x27; &eacute;t&eacute; &nbsp;gap', 'AT&T &copy; 2024 &unknown; &amp',
+    # Curly quotes and apostrophes, dashes, ellipses (everyday in scraped captions).
+    '\u201cHello,\u201d she said \u2014 it\u2019s the dog\u2019s ball\u2026',
+    '\u2018single\u2019 \u201edouble\u201c \u00abguillemets\u00bb',
+    # Ligatures and fullwidth / halfwidth forms.
+    '\ufb01ne \ufb02owers \ufb00 \ufb03 \ufb04', '\uff21\uff22\uff23\uff11\uff12\uff13 \uff01\uff1f',
+    '\uff76\uff80\uff76\uff85 halfwidth katakana',
+    # Mojibake: UTF-8 read as Windows-1252 / Latin-1, once and twice.
+    'The Mona Lisa doesn\u00c3\u00a2\u00e2\u201a\u00ac\u00e2\u201e\u00a2t have eyebrows.',
+    'caf\u00c3\u00a9 cr\u00c3\u00a8me br\u00c3\u00bbl\u00c3\u00a9e', '\u00e2\u20ac\u0153quoted\u00e2\u20ac\x9d',
+    # Case: the Greek final sigma, dotted I, titlecase digraphs, sharp s.
+    '\u039f\u0394\u03a5\u03a3\u03a3\u0395\u03a5\u03a3 \u039b\u039f\u0393\u039f\u03a3',
+    '\u0130stanbul \u01c5 \u1e9e STRASSE', 'Ǆ ǅ ǆ İstanbul ß ﬁ',
+    # Special-token strings, in another case and inside words.
+    '<|STARTOFTEXT|> caps <|EndOfText|>', 'hello<|endoftext|>world', '<|startoftext|>',
+    # Combining marks, odd whitespace, control characters, terminal escapes.
+    'e\u0301 vs \u00e9 and &#x301; alone', '\u00a0nbsp\u2003em\u3000ideographic\x1cfs\u200bzw',
+    'tab\tnew\nline\r\ncrlf', 'bell\x07 \x1b[31mred\x1b[0m text', '\ufeffbom',
+    # Long text (truncated by tokenize) and empty text.
+    'a very long caption, ' * 40, '', '   ',
+] + TEXTS
+
+
+def _openai_simple_tokenizer():
+  """OpenAI's own clip/simple_tokenizer.py (openai-clip), without clip/__init__ (torchvision)."""
+  spec = importlib.util.find_spec('clip')
+  path = spec and os.path.join(spec.submodule_search_locations[0], 'simple_tokenizer.py')
+  if not path or not os.path.exists(path):
+    pytest.skip('openai-clip (the test extra) is not installed')
+  module_spec = importlib.util.spec_from_file_location('openai_clip_simple_tokenizer', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.SimpleTokenizer()
+
+
+def _openai_tokenize(simple, texts, context_length=77):
+  """clip.tokenize(texts, truncate=True) as OpenAI writes it, in numpy instead of torch."""
+  sot, eot = simple.encoder['<|startoftext|>'], simple.encoder['<|endoftext|>']
+  out = np.zeros((len(texts), context_length), np.int64)
+  for i, text in enumerate(texts):
+    tokens = [sot] + simple.encode(text) + [eot]
+    if len(tokens) > context_length:
+      tokens = tokens[:context_length]
+      tokens[-1] = eot
+    out[i, :len(tokens)] = tokens
+  return out
+
+
 @pytest.fixture(scope='module')
 def tok():
   return clip_tokenizer.default_tokenizer()
+
+
+@pytest.fixture(scope='module')
+def openai():
+  return _openai_simple_tokenizer()
+
+
+def test_ids_identical_to_openai_clip_tokenize(tok, openai):
+  got = clip_tokenizer.tokenize(OPENAI_TEXTS)
+  want = _openai_tokenize(openai, OPENAI_TEXTS)
+  for text, g, w in zip(OPENAI_TEXTS, got, want):
+    assert list(g) == list(w), repr(text)
+  # The cleaning mattered: on 20 of these it changes more than whitespace and case.
+  assert sum(clip_tokenizer.clean(t) != ' '.join(t.split()).lower() for t in OPENAI_TEXTS) == 20
+
+
+def test_ids_identical_to_openai_on_random_text(tok, openai):
+  """Random strings over the characters and fragments where tokenizers tend to disagree."""
+  pieces = (list('aZ09 .,;:!?\'"-_()[]{}<>|/\\@#$%^&*+=~`\t\n') +
+            ['&amp;', '&quot;', '&#39;', '&lt;', '&nbsp;', '&#x2019;', '&amp;amp;', "'s", "'LL",
+             '\u2019', '\u201c', '\u201d', '\u2014', '\ufb01', '\uff21', '\uff10', '\u00c3\u00a9',
+             '\u00e2\u20ac\u2122', '\u03a3', '\u03c3', '\u0130', '\u00df', '\u0301', '\u00e9', '\u4e2d\u6587',
+             '\ud55c', '\u0416', '\U0001f600', '\u200d', '\u00a0', '\u3000', '\x1b[1m', '\x00', '\x85',
+             '<|startoftext|>', '<|ENDOFTEXT|>', 'Word', 'CAPS', '123', 'naïve'])
+  rng = random.Random(0)
+  texts = [''.join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(400)]
+  np.testing.assert_array_equal(clip_tokenizer.tokenize(texts), _openai_tokenize(openai, texts))
+
+
+def test_clean_is_openais_pipeline():
+  assert clip_tokenizer.clean('  Tom &amp;amp;  Jerry\u2019s \ufb01sh  ') == "tom & jerry's fish"
+  text = 'caf\u00c3\u00a9 &quot;\u039f\u0394\u039f\u03a3&quot;'
+  assert clip_tokenizer.clean(text) == html.unescape(ftfy.fix_text(text)).lower() == 'café "οδος"'
 
 
 @pytest.fixture(scope='module')
@@ -46,16 +140,21 @@ def test_vocab_matches_openai_layout(tok):
                                 [49406, 320, 1125, 539, 320, 2368, 269, 49407])
 
 
-def test_ids_identical_to_transformers(tok, hf_tok):
-  want = hf_tok(TEXTS, padding='max_length', max_length=77, truncation=True)['input_ids']
-  got = clip_tokenizer.CLIPTokenizer(tok.tokenizer, pad_id=tok.eot_id)(TEXTS)
-  assert got.dtype == np.int32 and got.shape == (len(TEXTS), 77)
-  for text, g, w in zip(TEXTS, got, want):
+# transformers' CLIPTokenizer skips ftfy and HTML unescaping: it agrees where those change nothing.
+HF_TEXTS = [t for t in TEXTS if html.unescape(ftfy.fix_text(t)) == t]
+
+
+def test_ids_identical_to_transformers_where_cleaning_changes_nothing(tok, hf_tok):
+  assert len(HF_TEXTS) == len(TEXTS) - 1  # All but the ligature.
+  want = hf_tok(HF_TEXTS, padding='max_length', max_length=77, truncation=True)['input_ids']
+  got = clip_tokenizer.CLIPTokenizer(tok.tokenizer, pad_id=tok.eot_id)(HF_TEXTS)
+  assert got.dtype == np.int32 and got.shape == (len(HF_TEXTS), 77)
+  for text, g, w in zip(HF_TEXTS, got, want):
     assert list(g) == list(w), text
 
 
 def test_unpadded_ids_identical_to_transformers(tok, hf_tok):
-  for text in TEXTS[:-2]:
+  for text in HF_TEXTS[:-2]:
     assert tok.encode(text) == hf_tok(text, add_special_tokens=False)['input_ids'], text
 
 

@@ -1,10 +1,13 @@
-"""CLIP's byte-level BPE tokenizer, run by Hugging Face's ``tokenizers`` library.
+"""CLIP's byte-level BPE tokenizer: the ids of OpenAI's ``clip.tokenize`` for any text.
 
-The pipeline is the one of transformers' ``CLIPTokenizer`` (and so gives the same ids):
-NFC, runs of whitespace -> one space, lowercase; split on CLIP's pattern (contractions, letter runs,
-single digits, punctuation runs); byte-level BPE with the ``</w>`` end-of-word suffix. Unlike
-OpenAI's ``SimpleTokenizer`` it does not run ftfy or unescape HTML entities, so the two differ only
-on text with mojibake or entities such as ``&amp;``.
+The pipeline is OpenAI's ``SimpleTokenizer``, step by step: ftfy's ``fix_text`` (mojibake, curly
+quotes, ligatures, fullwidth forms, terminal escapes, NFC), ``html.unescape`` twice (``&amp;amp;``
+-> ``&``), runs of whitespace -> one space, strip, lowercase of the whole string (so
+``<|STARTOFTEXT|>`` becomes the special token, as there); split on CLIP's pattern (special tokens,
+contractions, letter runs, single digits, runs of other characters) with the ``regex`` module
+OpenAI uses; byte-level BPE with the ``</w>`` end-of-word suffix, run by Hugging Face's
+``tokenizers``. transformers' ``CLIPTokenizer`` (tokenizers-backed) skips ftfy and the HTML
+unescaping, so it gives other ids wherever those change the text.
 
 The vocabulary comes from, in order of preference:
   * a Hugging Face checkpoint directory (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``);
@@ -24,11 +27,14 @@ from __future__ import annotations
 
 import functools
 import gzip
+import html
 import json
 import os
 from typing import Optional, Sequence
 
+import ftfy
 import numpy as np
+import regex
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
@@ -42,8 +48,17 @@ DEFAULT_BPE_PATH = os.path.join(os.path.dirname(__file__), 'assets', 'bpe_simple
 # CLIP's pre-tokenisation pattern (OpenAI's SimpleTokenizer, case-folded input).
 _PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
             r"""[^\s\p{L}\p{N}]+""")
+_SPLIT = regex.compile(_PATTERN, regex.IGNORECASE)
+_WHITESPACE = regex.compile(r'\s+')
 # OpenAI keeps the first 49152 - 256 - 2 merges of the file, so the vocabulary has 49408 entries.
 _NUM_MERGES = 49152 - 256 - 2
+
+
+def clean(text: str) -> str:
+  """OpenAI's text normalisation before BPE (SimpleTokenizer's basic_clean, whitespace_clean and
+  lower): ftfy.fix_text, HTML entities unescaped twice, whitespace runs -> ' ', lowercase."""
+  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+  return _WHITESPACE.sub(' ', text).strip().lower()
 
 
 @functools.lru_cache()
@@ -117,6 +132,8 @@ class CLIPTokenizer:
     if None in ids.values():
       raise ValueError(f'The vocabulary lacks CLIP special tokens: {ids}.')
     self.sot_id, self.eot_id = ids[SOT], ids[EOT]
+    self._byte_encoder = bytes_to_unicode()
+    self._bpe_cache: dict[str, list[int]] = {SOT: [self.sot_id], EOT: [self.eot_id]}
 
   @classmethod
   def from_bpe(cls, bpe_path: str | os.PathLike = DEFAULT_BPE_PATH, **kwargs) -> 'CLIPTokenizer':
@@ -149,9 +166,19 @@ class CLIPTokenizer:
   def vocab_size(self) -> int:
     return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+  def _bpe(self, word: str) -> list[int]:
+    ids = self._bpe_cache.get(word)
+    if ids is None:
+      units = ''.join(self._byte_encoder[b] for b in word.encode('utf-8'))
+      # The BPE model alone: cleaning and splitting happened above, exactly as OpenAI does them.
+      ids = [t.id for t in self.tokenizer.model.tokenize(units)]
+      if len(self._bpe_cache) < 100_000:
+        self._bpe_cache[word] = ids
+    return ids
+
   def encode(self, text: str) -> list[int]:
     """BPE ids of one text, without start/end tokens or truncation."""
-    return self.tokenizer.encode(text, add_special_tokens=False).ids
+    return [i for word in _SPLIT.findall(clean(text)) for i in self._bpe(word)]
 
   def __call__(self, texts: str | Sequence[str], *, context_length: Optional[int] = None,
                truncate: Optional[bool] = None) -> np.ndarray:
@@ -161,9 +188,8 @@ class CLIPTokenizer:
     length = self.context_length if context_length is None else context_length
     truncate = self.truncate if truncate is None else truncate
     out = np.full((len(texts), length), self.pad_id, np.int32)
-    encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    for i, (text, enc) in enumerate(zip(texts, encodings)):
-      ids = [self.sot_id] + enc.ids + [self.eot_id]
+    for i, text in enumerate(texts):
+      ids = [self.sot_id] + self.encode(text) + [self.eot_id]
       if len(ids) > length:
         if not truncate:
           raise ValueError(

@@ -151,6 +151,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_at_start = True
   c.checkpoint_every = 500
   c.max_to_keep = 2
+  # Resuming a workdir: its checkpoints must match this config's adapter and backbone weights.
+  c.checkpoint = ml_collections.ConfigDict()
+  # Continue (or evaluate) on backbone weights other than those the checkpoint was trained on.
+  c.checkpoint.allow_other_backbone = False
+  # Start over in a used workdir: its checkpoints, metrics and adapter move to previous_runs/.
+  c.checkpoint.restart = False
   c.prefetch = 2
 
   c.mesh = ml_collections.ConfigDict()

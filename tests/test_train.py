@@ -1,6 +1,7 @@
 """End-to-end training on the tiny configs, and the errors bad inputs must give."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ from vadapt import backbones
 from vadapt import checkpoint as ckpt_lib
 from vadapt import metrics as metrics_lib
 from vadapt import partition
+from vadapt import evaluate
 from vadapt import experiment
 from vadapt import train
 from vadapt.pretrained import common as pretrained_common
@@ -186,9 +188,68 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_names_the_step(tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_backbone(run):
   workdir = run[2]
   config = get_config(**{'backbone.variant': 'mu/8', 'total_steps': 6})
-  with pytest.raises(ckpt_lib.BackboneMismatchError, match='another backbone'):
+  with pytest.raises(experiment.CheckpointConfigMismatchError,
+                     match=r"backbone.variant 'mu/4' -> 'mu/8'"):
     train.train_and_evaluate(config, workdir)
   _assert_checkpoint_intact(workdir)
+
+
+def snapshot(directory):
+  """{relative path: bytes (None for a directory)} of everything under `directory`."""
+  out = {}
+  for root, dirs, files in os.walk(directory):
+    for name in dirs:
+      out[os.path.relpath(os.path.join(root, name), directory) + '/'] = None
+    for name in files:
+      with open(os.path.join(root, name), 'rb') as f:
+        out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return out
+
+
+@pytest.fixture(scope='module')
+def other_weights(run, tmp_path_factory):
+  """A backbone file of the same architecture as the run's, with other values."""
+  path = str(tmp_path_factory.mktemp('other') / 'other_backbone.npz')
+  cfg = get_config().backbone
+  vit_loader.save_vit_jax_npz(backbones.load_params(
+      cfg, backbones.make_model(cfg, 10), rng=jax.random.PRNGKey(7)), path)
+  return path
+
+
+def test_other_weights_of_the_same_shape_are_refused_and_nothing_is_touched(
+    run, other_weights, tmp_path, capsys):
+  _, _, workdir, npz = run
+  work = str(tmp_path / 'work')
+  shutil.copytree(workdir, work)
+  before = snapshot(work)
+  # max_to_keep=1 would delete steps 2 and 4 at the first save; total_steps=6 trains on.
+  config = get_config(**{'backbone.checkpoint': other_weights, 'total_steps': 6,
+                         'max_to_keep': 1})
+  with pytest.raises(ckpt_lib.BackboneMismatchError) as e:
+    train.train_and_evaluate(config, work)
+  message = str(e.value)
+  assert 'same architecture, different weights' in message
+  assert npz in message and other_weights in message
+  assert '--config.checkpoint.allow_other_backbone=True' in message
+  assert snapshot(work) == before  # No step deleted, no adapter overwritten, no file added.
+
+  with pytest.raises(ckpt_lib.BackboneMismatchError, match='different weights'):
+    evaluate.evaluate(config, work)
+  assert snapshot(work) == before
+  capsys.readouterr()
+  config.checkpoint.allow_other_backbone = True
+  assert evaluate.evaluate(config, work)['step'] == 4
+  assert 'Going on, as checkpoint.allow_other_backbone=True asks' in capsys.readouterr().out
+
+
+def test_metrics_rows_are_on_disk_as_they_are_written(tmp_path):
+  writer = metrics_lib.MetricWriter(str(tmp_path), tensorboard=False)
+  writer.write_scalars(1, {'train/loss': 2.5})
+  writer.write_scalars(2, {'train/loss': 1.5})
+  # Read by another reader while the writer is open (as after a kill -9: no flush, no close).
+  assert metrics_lib.read_jsonl(str(tmp_path)) == [{'step': 1, 'train/loss': 2.5},
+                                                   {'step': 2, 'train/loss': 1.5}]
+  writer.close()
 
 
 def test_labels_cover_delta_exactly():

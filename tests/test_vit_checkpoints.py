@@ -116,6 +116,34 @@ def test_big_vision_training_checkpoint_prefix(tmp_path):
   _assert_same_params(pv.load(tmp_path / 'ckpt.npz', model, image_size=32), params)
 
 
+@pytest.mark.parametrize('scan', [False, True])
+def test_big_vision_bfloat16_npz_loads(tmp_path, scan):
+  """big_vision saves bfloat16 params with np.savez, which stores them as 2-byte void ('|V2')."""
+  model = vit.from_variant('mu/4', num_classes=10, posemb_includes_cls=False)
+  params = _random_params(model)
+  pv.save_big_vision_npz(params, tmp_path / 'f32.npz', scan=scan)
+  with np.load(tmp_path / 'f32.npz', allow_pickle=False) as f:
+    # As big_vision's save_checkpoint: '/'-joined names -> device_get'd bfloat16 arrays -> savez.
+    flat = {'params/' + k: np.asarray(jnp.asarray(f[k], jnp.bfloat16)) for k in f.files}
+  np.savez(tmp_path / 'bf16.npz', **flat)
+  with np.load(tmp_path / 'bf16.npz', allow_pickle=False) as f:
+    assert f['params/embedding/kernel'].dtype.str == '|V2'  # what makes a plain cast fail
+  assert pv.detect_format(tmp_path / 'bf16.npz') == 'big_vision'
+  loaded = pv.load(tmp_path / 'bf16.npz', model, image_size=32)
+  want = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), params)
+  _assert_same_params(loaded, want)
+  assert loaded['embedding']['kernel'].dtype == np.float32
+
+
+def test_npz_with_other_untyped_arrays_is_one_error(tiny, tmp_path):
+  _, params, _ = tiny
+  flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+  flat['cls'] = np.zeros((1, 1, 32), np.float32).view('V4')
+  np.savez(tmp_path / 'v4.npz', **flat)
+  with pytest.raises(ValueError, match=r"array 'cls' has the untyped dtype '\|V4'"):
+    pv.load(tmp_path / 'v4.npz', vit.from_variant('mu/4', num_classes=10), image_size=32)
+
+
 def test_hf_round_trip(tiny, tmp_path):
   model, params, logits = tiny
   path = tmp_path / 'model.safetensors'

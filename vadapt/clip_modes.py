@@ -5,7 +5,6 @@ Tip-Adapter, on the base CLIP or, when the workdir holds a checkpoint, with its 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Any, Callable, Optional
 
@@ -18,6 +17,7 @@ import numpy as np
 from vadapt import backbones
 from vadapt import checkpoint as ckpt_lib
 from vadapt import experiment
+from vadapt import files
 from vadapt import metrics as metrics_lib
 from vadapt import partition
 from vadapt.pretrained import common as pretrained_common
@@ -105,9 +105,7 @@ def train_apply(model, params, method: str, *args, **kwargs):
 
 def write_json(workdir: Optional[str], name: str, result: dict[str, Any]) -> None:
   if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, name), 'w') as f:
-      json.dump(result, f, indent=2)
+    files.write_json(os.path.join(workdir, name), result, indent=2)
 
 
 def zero_shot(config: ml_collections.ConfigDict, workdir: Optional[str] = None

@@ -75,12 +75,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     with config.unlocked():
       config.backbone.checkpoint = os.path.join(os.path.abspath(workdir), config.pretrain.output)
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
-  step = checkpointer.latest_step()
-  if step is None:
+  if checkpointer.latest_step() is None:
     raise FileNotFoundError(f'No checkpoint in {checkpointer.directory}: train first.')
   exp = experiment.setup(config)
   opt_sh = experiment.opt_state_shardings(exp)
-  delta, _, _ = experiment.restore_or_init(exp, checkpointer, opt_sh)
+  delta, _, step = experiment.restore_or_init(exp, checkpointer, opt_sh, purpose='eval')
   result = run_eval(exp, jit_eval_step(exp), delta)
   checkpointer.close()
   metrics_lib.log(f'step {step}: eval accuracy {result["eval/accuracy"]:.4f} '

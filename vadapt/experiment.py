@@ -19,6 +19,7 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import optax
 
@@ -300,6 +301,14 @@ def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Ex
   else:
     delta, frozen = delta_abs, frozen_abs
 
+  layout = ckpt_lib.layout_fingerprint(frozen_abs)
+  fingerprint = None
+  if load_weights:
+    # Once, from the host copy just loaded: the frozen leaves' values, as they were read.
+    host = pretrained_common.flatten(backbone_params)
+    fingerprint = ckpt_lib.fingerprint(pretrained_common.unflatten(
+        {k: host.get(k, v) for k, v in pretrained_common.flatten(frozen).items()}))
+
   schedule = make_schedule(config)
   tx = make_optimizer(config, delta_labels, schedule)
   counts = partition.count(abstract_params, labels)
@@ -313,7 +322,8 @@ def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Ex
       'class_names': list(info.class_names),
       'preprocess': preprocess_name(config, 'eval'),
       'eval_crop_fraction': config.input.get('eval_crop_fraction'),
-      'backbone_fingerprint': ckpt_lib.fingerprint(frozen_abs),
+      'backbone_fingerprint': fingerprint,  # None without weights (load_weights=False).
+      'backbone_layout': layout,
       'backbone_checkpoint': os.path.abspath(config.backbone.checkpoint)
                              if config.backbone.checkpoint else '',
       'config': json.loads(config.to_json_best_effort()),
@@ -336,19 +346,154 @@ def preprocess_name(config: ml_collections.ConfigDict, split: str) -> str:
   return config.get('preprocess', 'vit')
 
 
-def restore_or_init(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, opt_sh):
-  """(delta, opt_state, start_step): the latest checkpoint in the workdir, else a fresh state."""
+# Config fields that a resumed run may change without a word: they do not change what is trained.
+_QUIET_FIELDS = ('mode', 'log_every', 'eval_every', 'eval_at_start', 'checkpoint_every',
+                 'max_to_keep', 'prefetch', 'eval_batch_size', 'mesh', 'param_sharding',
+                 'distributed', 'debug', 'checkpoint', 'pretrain', 'backbone.checkpoint')
+
+
+class CheckpointConfigMismatchError(ValueError):
+  """A workdir's checkpoint was trained with another adapter or model than the config builds."""
+
+
+def _flat_json(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat_json(v, f'{prefix}{k}.'))
+  return out
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  return [f'{k} {old.get(k, "unset")!r} -> {new.get(k, "unset")!r}'
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _what_differs(exp: Experiment, meta: dict[str, Any], stored: dict[str, tuple[int, ...]],
+                  stored_opt: list[tuple[int, ...]], opt_like: Any) -> list[str]:
+  """The settings in which the checkpoint's run differs from this config in what it trains."""
+  old_spec = {f'adapter.{k}': v for k, v in meta.get('adapter', {}).items()}
+  new_spec = {f'adapter.{k}': v for k, v in exp.meta['adapter'].items()}
+  changes = _changes(old_spec, new_spec)
+  for key, name in (('variant', 'backbone.variant'), ('image_size', 'backbone.image_size'),
+                    ('num_classes', 'number of classes')):
+    if meta.get(key) != exp.meta[key]:
+      changes.append(f'{name} {meta.get(key)!r} -> {exp.meta[key]!r}')
+  if changes:
+    return changes
+  # The spec agrees; the stored trees still might not (train_head, optimizer, label rules, ...).
+  wanted = ckpt_lib.tree_shapes(exp.delta)
+  wanted_opt = sorted(ckpt_lib.tree_shapes(opt_like).values())
+  if stored == wanted and stored_opt == wanted_opt:
+    return []
+  old_cfg = {k: v for k, v in _flat_json(meta.get('config', {})).items()
+             if not k.startswith(_QUIET_FIELDS)}
+  new_cfg = {k: v for k, v in _flat_json(exp.meta['config']).items()
+             if not k.startswith(_QUIET_FIELDS)}
+  changes = _changes(old_cfg, new_cfg)
+  diff = sorted(set(stored) ^ set(wanted)) or sorted(
+      k for k in stored if stored[k] != wanted.get(k))
+  return changes + [f'trained parameters differ ({", ".join(diff[:3]) or "optimizer state"})']
+
+
+def _refusal(exp: Experiment, meta: dict[str, Any], where: str, stored: Any, stored_opt: Any,
+             opt_like: Any, step: int, purpose: str) -> Optional[Exception]:
+  """The error that forbids using this step for `purpose`, or None (and notices on resume)."""
+  allow = exp.config.get('checkpoint', {}).get('allow_other_backbone', False)
+  changes = _what_differs(exp, meta, stored, stored_opt, opt_like)
+  if changes:
+    fix = ('Use a new --workdir for the new settings, go back to the checkpoint\'s, or pass '
+           '--config.checkpoint.restart=True to start over here (the old run is moved to '
+           'previous_runs/, not deleted).' if purpose == 'resume' else
+           'Run with the settings it was trained with (they are in its meta) or point --workdir '
+           'at the run you mean.')
+    return CheckpointConfigMismatchError(
+        f'{where} was trained with other settings than this config: {"; ".join(changes)}. {fix}')
+  if exp.meta['backbone_fingerprint'] is not None:
+    problem = ckpt_lib.backbone_mismatch(meta, exp.meta, where)
+    if problem and not allow:
+      return ckpt_lib.BackboneMismatchError(problem + (
+          ' Use the backbone it was trained on, a new --workdir, or '
+          '--config.checkpoint.allow_other_backbone=True to continue on this one.'
+          if purpose == 'resume' else ' Use the backbone it was trained on, or '
+          '--config.checkpoint.allow_other_backbone=True to use this one anyway.'))
+    if problem:
+      metrics_lib.log(f'Note: {problem} Going on, as checkpoint.allow_other_backbone=True asks.')
+  if purpose == 'resume':
+    old_cfg = _flat_json(meta.get('config', {}))
+    new_cfg = _flat_json(exp.meta['config'])
+    changed = [c for c in _changes(old_cfg, new_cfg) if not c.startswith(_QUIET_FIELDS)]
+    if changed:
+      metrics_lib.log(f'Note: resuming step {step} with changed settings: {", ".join(changed)} '
+                      '(the optimizer state and step count carry over; the schedule follows the '
+                      'new values).')
+  return None
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:200] if text else ""}'
+
+
+def restore_latest(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, delta_like: Any,
+                   opt_like: Any, *, purpose: str) -> Optional[tuple[int, Any, Any, dict]]:
+  """(step, delta, opt_state, meta) of the newest intact checkpoint, or None when there is none.
+
+  Steps that are incomplete (no commit marker, empty, unreadable data) are skipped with a message
+  naming each and why; for purpose='resume' they are then moved to `<workdir>/damaged_checkpoints/`
+  (so that new saves do not collide with them), never deleted. A checkpoint trained with other
+  settings or on another backbone raises before anything in the workdir is touched.
+  """
+  skipped = []
+  found = None
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    problem = checkpointer.step_problem(step)
+    if problem is None:
+      try:  # Metadata only: what was stored and with which settings.
+        meta = checkpointer.restore_meta(step)
+        stored = checkpointer.stored_shapes(step, 'delta')
+        stored_opt = sorted(checkpointer.stored_shapes(step, 'opt_state').values())
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f'its files cannot be read ({_first_line(e)})'
+    if problem is None:
+      where = f'The checkpoint at step {step} in {checkpointer.directory}'
+      error = _refusal(exp, meta, where, stored, stored_opt, opt_like, step, purpose)
+      if error is not None:
+        raise error
+      try:
+        delta, opt_state, meta = checkpointer.restore(step, delta_like, opt_like)
+        found = (step, delta, opt_state, meta)
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f'its files cannot be read ({_first_line(e)})'
+    skipped.append((step, problem))
+  for step, problem in skipped:
+    message = f'Skipped the checkpoint at step {step} in {checkpointer.directory}: {problem}.'
+    if purpose == 'resume' and jax.process_index() == 0:
+      # Out of the way of the saves to come, which would collide with it; kept, not deleted.
+      moved = checkpointer.set_aside(step, os.path.join(
+          os.path.dirname(checkpointer.directory), 'damaged_checkpoints', str(step)))
+      message += f' Moved it to {moved} (kept for inspection).'
+    metrics_lib.log(message)
+  if skipped and purpose == 'resume':
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('vadapt_damaged_checkpoints_moved')
+    checkpointer.reload()
+  return found
+
+
+def restore_or_init(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, opt_sh, *,
+                    purpose: str = 'resume'):
+  """(delta, opt_state, start_step): the newest intact checkpoint in the workdir, else a fresh
+  state (for purpose='eval' no checkpoint is an error). See `restore_latest`."""
   opt_state = jax.jit(exp.tx.init, out_shardings=opt_sh)(exp.delta)
-  step = checkpointer.latest_step()
-  if step is None:
+  restored = restore_latest(exp, checkpointer, exp.delta, opt_state, purpose=purpose)
+  if restored is None:
+    if purpose != 'resume':
+      raise FileNotFoundError(f'No intact checkpoint in {checkpointer.directory}: train first.')
     return exp.delta, opt_state, 0
-  meta = checkpointer.restore_meta(step)
-  if meta.get('backbone_fingerprint') != exp.meta['backbone_fingerprint']:
-    raise ckpt_lib.BackboneMismatchError(
-        f'The checkpoint at step {step} in {checkpointer.directory} was trained on another '
-        f'backbone (fingerprint {meta.get("backbone_fingerprint", "")[:16]}..., variant '
-        f'{meta.get("variant")!r}) than this config builds ({exp.meta["backbone_fingerprint"][:16]}'
-        f'..., variant {exp.meta["variant"]!r}): use a fresh workdir or the original config.')
-  delta, opt_state, _ = checkpointer.restore(step, exp.delta, opt_state)
-  metrics_lib.log(f'Resumed from the checkpoint at step {step} in {checkpointer.directory}.')
+  step, delta, opt_state, _ = restored
+  if purpose == 'resume':
+    metrics_lib.log(f'Resumed from the checkpoint at step {step} in {checkpointer.directory}.')
   return delta, opt_state, step

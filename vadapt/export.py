@@ -19,8 +19,7 @@ def export_adapter(config: ml_collections.ConfigDict, workdir: str,
   Needs no backbone weights: the delta's structure comes from tracing the model.
   """
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
-  step = checkpointer.latest_step()
-  if step is None:
+  if checkpointer.latest_step() is None:
     raise FileNotFoundError(f'No checkpoint in {checkpointer.directory}: train first.')
   exp = experiment.setup(config, load_weights=False)
   like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -28,8 +27,11 @@ def export_adapter(config: ml_collections.ConfigDict, workdir: str,
   opt_like = jax.eval_shape(exp.tx.init, exp.delta)
   opt_like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           opt_like, experiment.opt_state_shardings(exp))
-  delta, _, meta = checkpointer.restore(step, like, opt_like)
+  restored = experiment.restore_latest(exp, checkpointer, like, opt_like, purpose='export')
   checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f'No intact checkpoint in {checkpointer.directory}: train first.')
+  step, delta, _, meta = restored
   out_path = out_path or os.path.join(os.path.abspath(workdir), 'adapter.safetensors')
   if jax.process_index() == 0:
     ckpt_lib.save_adapter(out_path, jax.device_get(delta), meta)

@@ -45,6 +45,8 @@ class MetricWriter:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    # Each row reaches the OS at once: a run killed -9 (or preempted) keeps what it logged.
+    self._jsonl.flush()
     if self._tb is not None:
       with self._tb.as_default():
         for name, value in scalars.items():

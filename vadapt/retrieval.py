@@ -22,6 +22,7 @@ from PIL import Image
 import tensorflow as tf
 
 from vadapt import backbones
+from vadapt import files
 from vadapt import metrics as metrics_lib
 from vadapt import tokenizer as tokenizer_lib
 from vadapt import zeroshot
@@ -164,7 +165,5 @@ def evaluate_retrieval(config: ml_collections.ConfigDict, workdir: Optional[str]
       f'{result["text_to_image/R@1"]:.4f}/{result["text_to_image/R@5"]:.4f}/'
       f'{result["text_to_image/R@10"]:.4f}; with {evaluated}')
   if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'retrieval.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    files.write_json(os.path.join(workdir, 'retrieval.json'), result, indent=2)
   return result

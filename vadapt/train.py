@@ -180,6 +180,7 @@ def pretrain_backbone(config: ml_collections.ConfigDict, workdir: str) -> str:
   c = copy.deepcopy(config)
   with c.unlocked():
     c.pretrain.enabled = False
+    c.checkpoint.restart = False  # The flag is meant for the adapter stage.
     c.adapter.method = 'full'
     c.backbone.checkpoint = ''
     c.backbone.reset_head = False
@@ -240,6 +241,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   f'mesh {dict(exp.mesh.shape)}, {jax.process_count()} process(es).')
 
   opt_sh = experiment.opt_state_shardings(exp)
+  if c.get('checkpoint') and c.checkpoint.restart and jax.process_index() == 0:
+    moved = ckpt_lib.move_run_aside(workdir)
+    if moved:
+      metrics_lib.log(f'Starting over, as checkpoint.restart=True asks: the previous run\'s '
+                      f'checkpoints, metrics and adapter were moved to {moved}.')
+  if c.get('checkpoint') and c.checkpoint.restart and jax.process_count() > 1:
+    multihost_utils.sync_global_devices('vadapt_restart_moved')
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=c.max_to_keep)
   delta, opt_state, start_step = experiment.restore_or_init(exp, checkpointer, opt_sh)
   writer = metrics_lib.MetricWriter(workdir)

@@ -63,7 +63,8 @@ def prompt_tokens(tokenizer: Callable[[list[str]], np.ndarray], class_names: Seq
 class ComputedConstant(nn.Module):
   """A 'params' leaf ``value`` whose initial value is computed (not drawn from a random key).
 
-  Held in 'params' so that it loads, shards and fingerprints like the rest of the frozen backbone.
+  Held in 'params' so that it loads and shards like the rest of the frozen backbone; the backbone
+  fingerprint counts its layout, not its values (vadapt.checkpoint.DERIVED_LEAVES).
   """
 
   @nn.compact

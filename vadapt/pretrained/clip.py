@@ -85,8 +85,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     from safetensors.numpy import load_file
     return dict(load_file(path)), hf_config
   if path.endswith('.npz'):
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files}, hf_config
+    with np.load(path, allow_pickle=False) as data:
+      return {k: common.recover_npz_dtype(k, data[k], path) for k in data.files}, hf_config
   return _read_torch(path), hf_config
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -61,3 +62,17 @@ def check_matches(expected: Mapping[str, Any], found: Mapping[str, Any], *,
     parts.append(f'  shape mismatches ({len(mismatched)}, key: expected vs found):' + listed(
         f'{k}: {e} vs {f}' for k, e, f in mismatched))
   raise CheckpointMismatchError('\n'.join(parts))
+
+
+def recover_npz_dtype(name: str, value: np.ndarray, path: str) -> np.ndarray:
+  """An array read from an .npz with its real dtype: bfloat16 comes back from `np.savez` as void.
+
+  numpy has no bfloat16, so `np.savez` records ml_dtypes' bfloat16 as 2-byte void ('|V2'); the
+  bytes are intact, and big_vision's own loader views them as bfloat16 again, as this does.
+  """
+  if value.dtype.kind != 'V' or value.dtype.fields is not None:
+    return value
+  if value.dtype.itemsize != 2:
+    raise ValueError(f'{path!r}: array {name!r} has the untyped dtype {value.dtype.str!r}; only '
+                     "2-byte ones (bfloat16 as written by np.savez, '|V2') can be read.")
+  return value.view(ml_dtypes.bfloat16)

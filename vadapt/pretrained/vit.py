@@ -14,7 +14,8 @@ Formats (``FORMATS``):
 * ``big_vision``: ``.npz`` from google-research/big_vision. Linen names; top-level ``pos_embedding``
   (1, N, D) without a class-token slot; scan-trained files stack the blocks at
   ``Transformer/encoderblock/...`` with a leading depth axis. ``params/`` (and SigLIP's
-  ``params/img/``) prefixes are stripped.
+  ``params/img/``) prefixes are stripped. bfloat16 arrays, which ``np.savez`` stores as 2-byte
+  void (``|V2``), are read back as bfloat16 as big_vision's own loader does.
 * ``hf``: Hugging Face ``ViTModel`` / ``ViTForImageClassification`` safetensors (a file, or a
   ``save_pretrained`` directory), read without torch. Both the on-disk names
   (``encoder.layer.{i}.attention.attention.query``) and transformers 5's in-memory names
@@ -41,9 +42,10 @@ import ml_dtypes
 import numpy as np
 import scipy.ndimage
 
+from vadapt import files
 from vadapt.models.vit import VisionTransformer
 from vadapt.pretrained.common import (CheckpointMismatchError, check_matches, flatten,
-                                      require_file, unflatten)
+                                      recover_npz_dtype, require_file, unflatten)
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +222,7 @@ def _open_npz(path: str) -> dict[str, np.ndarray]:
     raise _unknown_format(path, 'it is not an .npz (zip) archive')
   try:
     with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
+      return {k: recover_npz_dtype(k, f[k], path) for k in f.files}
   except ValueError as e:  # object arrays need pickle, which we never allow.
     raise ValueError(f'Cannot read {path!r} without unpickling ({e}); re-save it with plain '
                      'numeric arrays.') from e
@@ -788,6 +790,15 @@ def _per_layer(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
           for k, v in flat.items()}
 
 
+def _savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  """np.savez, atomically (a killed writer never leaves a truncated file under `path`)."""
+  path = os.fspath(path)
+  if not path.endswith('.npz'):
+    path += '.npz'  # As np.savez does with a name.
+  with files.atomic_path(path) as tmp, open(tmp, 'wb') as f:
+    np.savez(f, **arrays)
+
+
 def save_vit_jax_npz(params: Mapping[str, Any], path: str | os.PathLike, *,
                      posemb_includes_cls: Optional[bool] = None) -> None:
   """Writes VisionTransformer params (per-layer or scan) as a vit_jax ``.npz``.
@@ -798,7 +809,7 @@ def save_vit_jax_npz(params: Mapping[str, Any], path: str | os.PathLike, *,
   flat = _per_layer(params)
   if 'cls' in flat and not _infer_posemb_slot(flat, posemb_includes_cls):
     flat[POSEMB] = np.concatenate([np.zeros_like(flat[POSEMB][:, :1]), flat[POSEMB]], axis=1)
-  np.savez(os.fspath(path), **_rename_block_modules(flat, _LINEN_TO_PRE))
+  _savez(path, _rename_block_modules(flat, _LINEN_TO_PRE))
 
 
 def save_big_vision_npz(params: Mapping[str, Any], path: str | os.PathLike, *, scan: bool,
@@ -817,7 +828,7 @@ def save_big_vision_npz(params: Mapping[str, Any], path: str | os.PathLike, *, s
     flat['pos_embedding'] = posemb
   if scan:
     flat = stack_layers(flat)
-  np.savez(os.fspath(path), **flat)
+  _savez(path, flat)
 
 
 def save_hf_safetensors(params: Mapping[str, Any], path: str | os.PathLike,
@@ -847,4 +858,5 @@ def save_hf_safetensors(params: Mapping[str, Any], path: str | os.PathLike,
   # safetensors writes the raw buffer: transposed views must be made contiguous first.
   tensors = {(k if k.startswith('classifier.') else prefix + k): np.ascontiguousarray(v)
              for k, v in _to_torch(flat).items()}
-  save_file(tensors, os.fspath(path), metadata={'format': 'pt'})
+  with files.atomic_path(path) as tmp:
+    save_file(tensors, tmp, metadata={'format': 'pt'})

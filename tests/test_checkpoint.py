@@ -204,7 +204,9 @@ def test_files_are_replaced_atomically(run, tmp_path, monkeypatch):
   frozen = jax.device_get(result.frozen)
   frozen = {**frozen, 'head': jax.tree.map(np.asarray, result.delta['head'])}
   vit_loader.save_vit_jax_npz(frozen, npz)
-  before = {p: open(p, 'rb').read() for p in (adapter, npz)}
+  from vadapt.pretrained import state_dict
+  torch_style = state_dict.save(str(tmp_path / 'cnn.safetensors'), {'w': np.ones(3, np.float32)})
+  before = {p: open(p, 'rb').read() for p in (adapter, npz, torch_style)}
 
   import safetensors.numpy
   monkeypatch.setattr(safetensors.numpy, 'save_file',
@@ -214,13 +216,15 @@ def test_files_are_replaced_atomically(run, tmp_path, monkeypatch):
     ckpt_lib.save_adapter(adapter, result.delta, {'step': 2})
   with pytest.raises(OSError, match='disk full'):
     vit_loader.save_vit_jax_npz(frozen, npz)
+  with pytest.raises(OSError, match='disk full'):
+    state_dict.save(torch_style, {'w': np.zeros(3, np.float32)})
   from vadapt import files
   with pytest.raises(OSError, match='disk full'):
     with files.atomic_path(str(tmp_path / 'r.json')) as tmp:
       _write_then_fail(tmp)
   # The previous files are whole, and no temporary file is left behind.
-  assert {p: open(p, 'rb').read() for p in (adapter, npz)} == before
-  assert sorted(os.listdir(tmp_path)) == ['a.safetensors', 'backbone.npz']
+  assert {p: open(p, 'rb').read() for p in (adapter, npz, torch_style)} == before
+  assert sorted(os.listdir(tmp_path)) == ['a.safetensors', 'backbone.npz', 'cnn.safetensors']
 
 
 def _data_files(step_dir):

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from vadapt import files
 from vadapt.pretrained.common import CheckpointMismatchError
 from vadapt.pretrained.common import require_file
 
@@ -61,8 +62,8 @@ def save(path: str | os.PathLike, state_dict: Mapping[str, Any],
     raise ValueError(f'save writes .safetensors files; got {path!r}.')
   flat = {k: np.ascontiguousarray(v.detach().cpu().numpy() if hasattr(v, 'detach') else v)
           for k, v in state_dict.items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file(flat, path, metadata=dict(metadata or {}))
+  with files.atomic_path(path) as tmp:
+    save_file(flat, tmp, metadata=dict(metadata or {}))
   return path
 
 

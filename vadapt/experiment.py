@@ -373,9 +373,11 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _what_differs(exp: Experiment, meta: dict[str, Any], stored: dict[str, tuple[int, ...]],
                   stored_opt: list[tuple[int, ...]], opt_like: Any) -> list[str]:
   """The settings in which the checkpoint's run differs from this config in what it trains."""
-  old_spec = {f'adapter.{k}': v for k, v in meta.get('adapter', {}).items()}
-  new_spec = {f'adapter.{k}': v for k, v in exp.meta['adapter'].items()}
-  changes = _changes(old_spec, new_spec)
+  old_spec, new_spec = meta.get('adapter', {}), exp.meta['adapter']
+  # Options a checkpoint predates (added to vadapt since) are judged by the stored trees below.
+  keys = ['method'] + sorted((set(old_spec) & set(new_spec)) - {'method'})
+  changes = [f'adapter.{k} {old_spec.get(k)!r} -> {new_spec.get(k)!r}' for k in keys
+             if old_spec.get(k) != new_spec.get(k)]
   for key, name in (('variant', 'backbone.variant'), ('image_size', 'backbone.image_size'),
                     ('num_classes', 'number of classes')):
     if meta.get(key) != exp.meta[key]:

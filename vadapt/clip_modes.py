@@ -47,7 +47,7 @@ def trained_model(config: ml_collections.ConfigDict, workdir: Optional[str]):
   exp = experiment.setup(config)
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   delta, _, step = experiment.restore_or_init(exp, checkpointer,
-                                              experiment.opt_state_shardings(exp))
+                                              experiment.opt_state_shardings(exp), purpose='eval')
   checkpointer.close()
   params = partition.merge(delta, exp.frozen)
   return (exp.model, params, exp.info,

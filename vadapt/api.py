@@ -29,7 +29,8 @@ from vadapt.pretrained.common import check_matches, flatten, unflatten
 # Methods that change what a layer's weights compute; vadapt.merge folds them into the backbone.
 WEIGHT_METHODS = ('lora',)
 PROMPT_METHODS = ('vpt_shallow', 'vpt_deep')
-METHODS = (('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv') + WEIGHT_METHODS
+CNN_METHODS = ('conv', 'conv_parallel')
+METHODS = (('houlsby', 'pfeiffer', 'parallel', 'parallel_attn') + CNN_METHODS + WEIGHT_METHODS
            + PROMPT_METHODS)
 
 # AdaptFormer's defaults for the parallel methods (Chen et al., 2022): s = 0.1, LayerNorm inside.
@@ -47,11 +48,12 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
   """Wraps `backbone` with adapters placed by `method`.
 
   Args:
-    backbone: a Flax model; ViT/CLIP blocks for the transformer methods, vadapt.models.resnet
-      for 'conv', or any compact model with explicit `targets`.
-    method: 'houlsby', 'pfeiffer', 'parallel' (AdaptFormer), 'parallel_attn', 'conv', a
-      weight-space method: 'lora', or visual prompts: 'vpt_shallow', 'vpt_deep'
-      (vadapt.adapters.prompts).
+    backbone: a Flax model; ViT/CLIP blocks for the transformer methods, vadapt.models.resnet or
+      vadapt.models.efficientnet for 'conv' / 'conv_parallel', or any compact model with
+      explicit `targets`.
+    method: 'houlsby', 'pfeiffer', 'parallel' (AdaptFormer), 'parallel_attn'; for CNNs 'conv'
+      (after each residual block) or 'conv_parallel' (alongside it); a weight-space method:
+      'lora', or visual prompts: 'vpt_shallow', 'vpt_deep' (vadapt.adapters.prompts).
     bottleneck: adapter hidden width (give this or reduction_factor).
     reduction_factor: hidden width = input width // reduction_factor.
     layers: None (all blocks), block indices, or placements.skip_lowest(k). Not for scan models.
@@ -90,6 +92,7 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
       raise ValueError(f'Options {sorted(given)} would be ignored: the given Targets already '
                        'carry their adapter configs.')
     return Adapted(backbone=backbone, targets=targets)
+  _check_family(backbone, method, targets)
   if prompts is not None and method not in PROMPT_METHODS:
     raise ValueError(f'prompts={prompts!r} is an option of the VPT methods, not of {method!r}.')
   if method in WEIGHT_METHODS:
@@ -114,9 +117,9 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
   scale = defaults['scale'] if scale is None else scale
   layer_norm = defaults['layer_norm'] if layer_norm is None else layer_norm
 
-  if method == 'conv':
+  if method in CNN_METHODS:
     if learnable_scale:
-      raise ValueError("learnable_scale is not supported by method 'conv'.")
+      raise ValueError(f'learnable_scale is not supported by method {method!r}.')
     config = ConvAdapterConfig(bottleneck=bottleneck, reduction_factor=reduction_factor,
                                activation=activation, layer_norm=layer_norm, dropout=dropout,
                                scale=scale)
@@ -132,16 +135,13 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
     bad = [t for t in targets if not isinstance(t, str)]
     if bad:
       raise TypeError(f'targets must all be Targets or all be regex strings; found {bad[:3]}.')
-    position = 'parallel' if parallel else 'output'
+    position = 'parallel' if parallel or method == 'conv_parallel' else 'output'
     return Adapted(backbone=backbone, targets=tuple(
         Target(pattern=p, adapter=config, position=position) for p in targets))
 
-  if method == 'conv':
-    if layers is not None:
-      raise ValueError("method 'conv' adapts every ResNet block; pass targets= regexes to pick "
-                       'blocks, e.g. r"ResNetBlock_[4-7]" (BottleneckResNetBlock_* in ResNet-50 '
-                       'and deeper).')
-    return Adapted(backbone=backbone, targets=placements.resnet_blocks(config))
+  if method in CNN_METHODS:
+    return Adapted(backbone=backbone, targets=placements.CNN_PLACEMENTS[method](
+        config, layers=layers))
 
   num_layers = getattr(backbone, 'num_layers', None)
   if isinstance(num_layers, int) and layers is not None and not isinstance(
@@ -230,6 +230,30 @@ def _vpt_targets(backbone, method, *, prompts, layers, dropout, scope, drop_rate
                      "keeps its length): use 'vpt_deep', or build the backbone with scan=False "
                      '(same weights).')
   return placements.vpt_shallow(config, scope=scope)
+def _family(backbone: nn.Module) -> Optional[str]:
+  """'cnn' or 'transformer' for vadapt's own backbones, None for any other model."""
+  from vadapt.models import efficientnet, resnet, vit  # pylint: disable=g-import-not-at-top
+  if isinstance(backbone, (resnet.ResNet, efficientnet.EfficientNetLite)):
+    return 'cnn'
+  if isinstance(backbone, vit.VisionTransformer) or type(backbone).__module__.startswith(
+      'vadapt.models.clip'):
+    return 'transformer'
+  return None
+
+
+def _check_family(backbone: nn.Module, method: str, targets) -> None:
+  """A placement meant for the other family of backbones is an error naming the right ones."""
+  family = _family(backbone)
+  if targets is not None or family is None:
+    return
+  name = type(backbone).__name__
+  if family == 'cnn' and method not in CNN_METHODS + WEIGHT_METHODS:
+    raise ValueError(f'Method {method!r} places adapters in transformer blocks (ViT, CLIP); '
+                     f'{name} is a CNN: use {" or ".join(map(repr, CNN_METHODS))}.')
+  if family == 'transformer' and method in CNN_METHODS:
+    transformer = [m for m in METHODS if m not in CNN_METHODS]
+    raise ValueError(f'Method {method!r} places conv adapters in CNN blocks (ResNet, '
+                     f'EfficientNet-Lite); {name} is a transformer: use one of {transformer}.')
 
 
 def _cast_like(tree: Mapping[str, Any], abstract: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,14 @@ Model families (`backbone.model`):
           name such as 'ViT-B/16' or 'tiny') whose classifier is the zero-shot text-embedding
           matrix of the dataset's class names x prompt templates; checkpoint: Hugging Face
           safetensors (file or directory) or an OpenAI .pt file.
+  'efficientnet_lite'  vadapt.models.efficientnet (`variant` 'lite0' ... 'lite4'); checkpoint: a
+          PyTorch .pth or .safetensors in the lukemelas layout (vadapt.pretrained.efficientnet).
+  'resnet'  vadapt.models.resnet (`variant` the depth: '18', '34', '50', '101', '152');
+          checkpoint: torchvision/timm state dicts or Hugging Face ResNet safetensors
+          (vadapt.pretrained.resnet).
+
+CNN parameters come with their BatchNorm statistics under a top-level 'batch_stats' entry (see
+vadapt.partition.to_variables). BatchNorm is frozen unless `train_batch_norm` is set.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from vadapt.models import vit
 from vadapt.pretrained import common as pretrained_common
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-MODELS = ('vit', 'dinov2', 'clip')
+MODELS = ('vit', 'dinov2', 'clip', 'efficientnet_lite', 'resnet')
+CNN_MODELS = ('efficientnet_lite', 'resnet')
 
 
 def compute_dtype(name: str):
@@ -60,6 +69,8 @@ def make_model(cfg: ml_collections.ConfigDict, num_classes: Optional[int], *,
   if cfg.model == 'clip':
     return _make_clip(cfg, num_classes, class_names, templates, recompute_text,
                       clip_adapter_ratio, clip_adapter_reduction)
+  if cfg.model in CNN_MODELS:
+    return _make_cnn(cfg, num_classes)
   overrides = architecture_overrides(cfg)
   if cfg.model == 'dinov2':
     return _make_dinov2(cfg, num_classes, overrides)
@@ -83,6 +94,26 @@ def _make_dinov2(cfg, num_classes, overrides):
   kwargs.update(dtype=compute_dtype(cfg.dtype), dropout_rate=cfg.get('dropout_rate', 0.0),
                 remat=cfg.get('remat', False), remat_policy=cfg.get('remat_policy', 'nothing'))
   return vit.dinov2(cfg.variant, num_classes=num_classes, **{**kwargs, **overrides})
+
+
+def _make_cnn(cfg, num_classes):
+  overrides = architecture_overrides(cfg)
+  common = dict(num_classes=num_classes, dtype=compute_dtype(cfg.dtype),
+                freeze_batch_norm=not cfg.get('train_batch_norm', False))
+  if cfg.model == 'efficientnet_lite':
+    from vadapt.models import efficientnet  # pylint: disable=g-import-not-at-top
+    model = efficientnet.from_variant(cfg.variant, **common, **overrides)
+    if cfg.get('dropout_rate'):
+      model = model.clone(dropout_rate=cfg.dropout_rate)
+    return model
+  from vadapt.models import resnet  # pylint: disable=g-import-not-at-top
+  try:
+    depth = int(cfg.variant)
+  except ValueError:
+    raise ValueError(f"backbone.variant for model='resnet' is the depth "
+                     f'({", ".join(map(str, sorted(resnet.DEPTHS)))}); found {cfg.variant!r}.'
+                     ) from None
+  return resnet.from_depth(depth, **common, **overrides)
 
 
 def _make_clip(cfg, num_classes, class_names, templates, recompute_text, ratio, reduction):
@@ -126,6 +157,8 @@ def load_params(cfg: ml_collections.ConfigDict, model: nn.Module, *,
     _, variables = jax.jit(lambda p: model.apply({'params': p}, images, mutable=['params']))(
         clip_params)
     return jax.tree.map(np.asarray, dict(variables['params']))
+  if cfg.model in CNN_MODELS:
+    return _load_cnn(cfg, model, rng)
   if cfg.checkpoint and cfg.model == 'dinov2':
     pretrained_common.require_file(cfg.checkpoint, 'backbone.checkpoint')
     from vadapt.pretrained import dinov2 as dinov2_loader  # pylint: disable=g-import-not-at-top
@@ -147,3 +180,37 @@ def load_params(cfg: ml_collections.ConfigDict, model: nn.Module, *,
   images = jnp.zeros(sample_images(cfg).shape, jnp.float32)
   params = jax.jit(lambda r: model.init(r, images, train=False)['params'])(rng)
   return jax.tree.map(np.asarray, params)
+
+
+def _load_cnn(cfg, model, rng):
+  """Params with BatchNorm statistics under 'batch_stats' (vadapt.partition.from_variables)."""
+  from vadapt import partition  # pylint: disable=g-import-not-at-top
+  if cfg.checkpoint:
+    pretrained_common.require_file(cfg.checkpoint, 'backbone.checkpoint')
+    if cfg.model == 'efficientnet_lite':
+      from vadapt.pretrained import efficientnet as loader  # pylint: disable=g-import-not-at-top
+    else:
+      from vadapt.pretrained import resnet as loader  # pylint: disable=g-import-not-at-top
+    variables = loader.load(cfg.checkpoint, model, image_size=cfg.image_size)
+    if cfg.get('reset_head') and 'head' in variables['params']:
+      variables['params']['head'] = jax.tree.map(np.zeros_like, variables['params']['head'])
+  else:
+    variables = _host_init(model, cfg, rng)
+  return jax.tree.map(np.asarray, partition.from_variables(variables))
+
+
+def _host_init(model, cfg, rng):
+  """A random CNN drawn on the host: LeCun-normal kernels, zero biases and means, unit scales and
+  variances. (Compiling a deep CNN's init, one random initialiser per layer, costs tens of seconds
+  on a CPU; a random backbone only serves tests and smoke runs.)"""
+  images = jnp.zeros(sample_images(cfg).shape, jnp.float32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+  seed = 0 if rng is None else int(jax.random.randint(rng, (), 0, 2**31 - 1))
+  gen = np.random.default_rng(seed)
+
+  def draw(path, s):
+    leaf = str(path[-1].key)
+    if leaf == 'kernel':
+      return (gen.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
+    return (np.ones if leaf in ('scale', 'var') else np.zeros)(s.shape, s.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)

@@ -24,7 +24,7 @@ def make_eval_step(model: nn.Module, num_classes: int) -> Callable:
   """step(delta, frozen, batch) -> {'correct', 'count', 'loss_sum'} summed over valid examples."""
   def eval_step(delta, frozen, batch):
     params = partition.merge(delta, frozen)
-    logits = model.apply({'params': params}, batch['image'], train=False)
+    logits = model.apply(partition.to_variables(params), batch['image'], train=False)
     mask = batch['mask'].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
     loss = losses.cross_entropy(logits, batch['label'], num_classes)

@@ -32,8 +32,8 @@ from vadapt import partition
 from vadapt import sharding as sharding_lib
 from vadapt.pretrained import common as pretrained_common
 
-ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv', 'vpt_shallow',
-                   'vpt_deep')
+ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv', 'conv_parallel',
+                   'vpt_shallow', 'vpt_deep')
 METHODS = ADAPTER_METHODS + ('full', 'linear', 'clip_adapter')
 LOSSES = ('ce', 'contrastive')
 # Backbones without convolutional blocks: no place for method='conv'.
@@ -54,11 +54,18 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if method not in METHODS:
     raise ValueError(f'Unknown adapter.method {method!r}; expected one of {METHODS}.')
   spec = {'method': method}
-  if method == 'conv' and config.backbone.model in TRANSFORMER_MODELS:
+  conv_methods = ('conv', 'conv_parallel')
+  if method in conv_methods and config.backbone.model in TRANSFORMER_MODELS:
     raise ValueError(
-        f"adapter.method='conv' puts adapters on convolutional (ResNet) blocks, and "
-        f"backbone.model={config.backbone.model!r} is a transformer: use one of "
-        f"{', '.join(m for m in ADAPTER_METHODS if m != 'conv')}.")
+        f"adapter.method={method!r} puts adapters on convolutional (ResNet, EfficientNet-Lite) "
+        f"blocks, and backbone.model={config.backbone.model!r} is a transformer: use one of "
+        f"{', '.join(m for m in ADAPTER_METHODS if m not in conv_methods)}.")
+  if (method in ADAPTER_METHODS and method not in conv_methods
+      and config.backbone.model in backbones.CNN_MODELS):
+    raise ValueError(
+        f'adapter.method={method!r} puts adapters in transformer blocks, and '
+        f'backbone.model={config.backbone.model!r} is a CNN: use one of conv, conv_parallel, '
+        'linear, full.')
   if method in ADAPTER_METHODS:
     for name in _METHOD_FIELDS.get(method, _ADAPTER_FIELDS):
       value = config.adapter.get(name)
@@ -119,13 +126,28 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
 
 
 def label_rules(config: ml_collections.ConfigDict):
-  """Regex -> label rules. 'full' and 'linear' are rule sets, not separate code paths."""
+  """Regex -> label rules. 'full' and 'linear' are rule sets, not separate code paths.
+
+  BatchNorm statistics ('batch_stats/...') are never differentiated: frozen, or labelled
+  'batch_stats' (in the delta, replaced by the running averages each step) with
+  backbone.train_batch_norm.
+  """
   method = adapter_spec(config)['method']
+  state = [(r'^batch_stats/', 'batch_stats' if train_batch_norm(config) else 'frozen')]
   if method == 'full':
-    return [(r'.*', 'full')]
+    return state + [(r'.*', 'full')]
   if method == 'linear':
-    return [(r'^head/', 'head'), (r'.*', 'frozen')]
-  return partition.default_rules(train_head=config.train_head)
+    return state + [(r'^head/', 'head'), (r'.*', 'frozen')]
+  return state + partition.default_rules(train_head=config.train_head)
+
+
+def train_batch_norm(config: ml_collections.ConfigDict) -> bool:
+  """Whether training updates BatchNorm statistics (CNN backbones only; off by default)."""
+  on = bool(config.backbone.get('train_batch_norm', False))
+  if on and config.backbone.model not in backbones.CNN_MODELS:
+    raise ValueError(f'backbone.train_batch_norm needs a BatchNorm backbone '
+                     f'({", ".join(backbones.CNN_MODELS)}); found {config.backbone.model!r}.')
+  return on
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -152,8 +174,10 @@ def make_optimizer(config: ml_collections.ConfigDict, delta_labels: Any,
     base = lambda: optax.sgd(schedule, momentum=opt.momentum or None)
   else:
     raise ValueError(f"Unknown optimizer.name {opt.name!r}; expected 'adamw' or 'sgd'.")
-  trainable = sorted(set(jax.tree.leaves(delta_labels)) - {'frozen'})
-  tx = partition.make_optimizer(delta_labels, {label: base() for label in trainable})
+  trainable = sorted(set(jax.tree.leaves(delta_labels)) - {'frozen', 'batch_stats'})
+  # BatchNorm statistics are set by the train step, never by the optimizer.
+  tx = partition.make_optimizer(delta_labels, {'batch_stats': optax.set_to_zero(),
+                                               **{label: base() for label in trainable}})
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx
@@ -199,6 +223,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Everything that can be checked before loading weights or compiling."""
   adapter_spec(config)
   loss_name(config)
+  label_rules(config)
   sharding_lib.batch_size_per_shard(mesh, config.batch_size, 'batch_size')
   sharding_lib.batch_size_per_shard(mesh, config.eval_batch_size, 'eval_batch_size')
   if config.total_steps < 1:
@@ -270,12 +295,12 @@ def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Ex
                                             rng=jax.random.fold_in(rng, 1))
   else:
     backbone_params = jax.eval_shape(
-        lambda: backbone.init(rng, images, train=False)['params'])
+        lambda: partition.from_variables(backbone.init(rng, images, train=False)))
 
   if model is backbone:
     init_fn = lambda rng, bb: bb
   elif isinstance(model, inject.Adapted):
-    init_fn = lambda rng, bb: api.init_with_pretrained(model, bb, rng, images)
+    init_fn = lambda rng, bb: _init_adapted(model, bb, rng, images)
   else:  # The backbone plus new modules of its own (CLIP-Adapter): create only what is missing.
     init_fn = lambda rng, bb: model.apply({'params': bb}, images, train=False, rngs={'params': rng},
                                           mutable=['params'])[1]['params']
@@ -332,6 +357,15 @@ def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Ex
                      delta=delta, frozen=frozen, delta_shardings=delta_sh,
                      frozen_shardings=frozen_sh, tx=tx, schedule=schedule, meta=meta,
                      param_table=table, counts=counts)
+
+
+def _init_adapted(model: inject.Adapted, backbone_params, rng, images):
+  """New adapters on the pre-trained backbone; BatchNorm statistics (if any) pass through."""
+  variables = partition.to_variables(backbone_params)
+  state = {c: v for c, v in variables.items() if c != 'params'}
+  out = api.init_with_pretrained(model, variables['params'], rng, images,
+                                 backbone_state=state or None)
+  return partition.from_variables(out) if state else out
 
 
 def opt_state_shardings(exp: Experiment):

@@ -110,6 +110,33 @@ def merge(delta: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]
   return _unflat({**flat_frozen, **flat_delta})
 
 
+# Model state that is not a parameter (BatchNorm statistics) rides in the parameter tree under its
+# collection name ('batch_stats/...'), so split, merge, sharding and checkpoints treat it like any
+# leaf (frozen by the label rules, never differentiated); the steps turn the tree back into Flax
+# variables with to_variables.
+STATE_COLLECTIONS = ('batch_stats',)
+
+
+def to_variables(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """{'params': ..., 'batch_stats': ...} from a params tree that carries model state."""
+  state = {c: tree[c] for c in STATE_COLLECTIONS if c in tree}
+  return {'params': {k: v for k, v in tree.items() if k not in state}, **state}
+
+
+def from_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of to_variables: params with the state collections as top-level entries."""
+  unknown = sorted(set(variables) - {'params', *STATE_COLLECTIONS})
+  if unknown:
+    raise ValueError(f'Variables hold collections {unknown}; supported besides params: '
+                     f'{list(STATE_COLLECTIONS)}.')
+  params = dict(variables.get('params', {}))
+  clash = sorted(set(params) & set(STATE_COLLECTIONS))
+  if clash:
+    raise ValueError(f'A top-level parameter module is named {clash}, a name reserved for the '
+                     'collection of the same name.')
+  return {**params, **{c: variables[c] for c in STATE_COLLECTIONS if c in variables}}
+
+
 def value_and_grad_delta(loss_fn: Callable[..., Any], has_aux: bool = False):
   """Wraps loss_fn(params, *args) into f(delta, frozen, *args) -> (loss, grads wrt delta).
 

@@ -1,4 +1,7 @@
-"""Named adapter placements for transformer backbones, built from a few composable parts.
+"""Named adapter placements for transformer and CNN backbones, built from a few composable parts.
+
+CNN placements ('conv', 'conv_parallel', at the end) put a conv adapter at every selected
+residual block of vadapt.models.resnet or vadapt.models.efficientnet.
 
 Each function returns a tuple of vadapt.inject.Target. Paths follow vadapt.models.vit (also used
 by the CLIP towers): blocks are ``<scope>/encoderblock_{i}`` (or ``<scope>/encoderblock`` under
@@ -153,14 +156,48 @@ def vpt_deep(prompts: PromptConfig, *, layers: Layers = None,
                  adapter=dataclasses.replace(prompts, strip_output=True)),)
 
 
-# ResNet blocks as named by vadapt.models.resnet (and the flax imagenet example).
+# CNN blocks: vadapt.models.resnet (and the flax imagenet example) names them
+# '[Bottleneck]ResNetBlock_{k}', vadapt.models.efficientnet 'blocks_{k}' (k counts over all stages).
 RESNET_BLOCKS = r'(?:.+/)?(?:Bottleneck)?ResNetBlock_\d+'
+CNN_BLOCK_NAMES = r'(?:(?:Bottleneck)?ResNetBlock|blocks)'
+
+
+def cnn_block_pattern(layers: Layers = None) -> str:
+  """Regex for the selected residual blocks of a ResNet or EfficientNet-Lite (k counts blocks)."""
+  prefix = rf'(?:.+/)?{CNN_BLOCK_NAMES}_'
+  if layers is None or (isinstance(layers, SkipLowest) and layers.k == 0):
+    return rf'{prefix}\d+'
+  if isinstance(layers, SkipLowest):
+    low = '|'.join(str(i) for i in range(layers.k))
+    return rf'{prefix}(?!(?:{low})(?:/|$))\d+'
+  if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+    raise TypeError('layers must be None (all blocks), an iterable of block indices or '
+                    f'skip_lowest(k); found {layers!r}.')
+  indices = sorted(set(layers))
+  if not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
+    raise ValueError(f'layers must name at least one non-negative block index; found {layers!r}.')
+  return rf'{prefix}(?:{"|".join(str(i) for i in indices)})'
 
 
 def resnet_blocks(adapter, *, position: str = 'output',
                   pattern: str = RESNET_BLOCKS) -> tuple[Target, ...]:
   """Residual adapters after ('output') or alongside ('parallel') every ResNet block."""
   return (Target(pattern=pattern, adapter=adapter, position=position),)
+
+
+def conv(adapter, *, layers: Layers = None) -> tuple[Target, ...]:
+  """Rebuffi et al. (2017) series residual adapters: block(x) + a(block(x)), after each selected
+  ResNet / EfficientNet-Lite block."""
+  return (Target(pattern=cnn_block_pattern(layers), adapter=adapter, position='output'),)
+
+
+def conv_parallel(adapter, *, layers: Layers = None) -> tuple[Target, ...]:
+  """Rebuffi et al. (2018) parallel adapters: block(x) + a(x); a strided 1x1 conv to the block's
+  output width where the block downsamples."""
+  return (Target(pattern=cnn_block_pattern(layers), adapter=adapter, position='parallel'),)
+
+
+CNN_PLACEMENTS = {'conv': conv, 'conv_parallel': conv_parallel}
 
 
 PLACEMENTS = {

@@ -96,13 +96,18 @@ def apply_method(model: nn.Module, params: Any, method: str, *args, **kwargs):
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int, label_smoothing: float,
-                    seed: int, nan_at_step: int = -1, loss: str = 'ce') -> Callable:
+                    seed: int, nan_at_step: int = -1, loss: str = 'ce',
+                    update_batch_stats: bool = False) -> Callable:
   """step(delta, opt_state, frozen, batch, step) -> (delta, opt_state, metrics).
 
   `step` counts completed steps; dropout keys are fold_in(seed, step), so a resumed run draws the
   same masks as an uninterrupted one. loss='contrastive' (CLIP) is the symmetric InfoNCE of the
   batch's images against their classes' prompts; its accuracy counts images whose best-matching
   prompt is of their own class.
+
+  BatchNorm statistics ride in the params as 'batch_stats' (vadapt.partition.to_variables). With
+  update_batch_stats they are in the delta and replaced by the running averages the forward pass
+  computes (after the optimizer, which leaves them alone); otherwise they are frozen.
   """
   loss_kind = loss
 
@@ -111,6 +116,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     def loss_fn(delta):
       params = partition.merge(delta, frozen)
+      new_stats = None
       if loss_kind == 'contrastive':
         from vadapt.models import clip_classifier  # pylint: disable=g-import-not-at-top
         pair_logits = apply_method(model, params, 'contrastive_logits', batch['image'],
@@ -119,16 +125,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         logits = jax.nn.one_hot(batch['label'], num_classes)[jnp.argmax(pair_logits, -1)]
         loss = clip_classifier.contrastive_loss(pair_logits)
       else:
-        logits = model.apply({'params': params}, batch['image'], train=True,
-                             rngs={'dropout': rng})
+        variables = partition.to_variables(params)
+        if update_batch_stats:
+          logits, state = model.apply(variables, batch['image'], train=True,
+                                      rngs={'dropout': rng}, mutable=['batch_stats'])
+          new_stats = state['batch_stats']
+        else:
+          logits = model.apply(variables, batch['image'], train=True, rngs={'dropout': rng})
         loss = jnp.mean(losses.cross_entropy(logits, batch['label'], num_classes, label_smoothing))
       if nan_at_step >= 0:  # Test hook: the (1-based) step nan_at_step diverges.
         loss = jnp.where(step + 1 == nan_at_step, jnp.nan, loss)
-      return loss, logits
+      return loss, (logits, new_stats)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(delta)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(delta)
     updates, opt_state = tx.update(grads, opt_state, delta)
     delta = optax.apply_updates(delta, updates)
+    if update_batch_stats:
+      delta = {**delta, 'batch_stats': new_stats}
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(delta)]))
@@ -257,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_step = jax.jit(
       make_train_step(exp.model, exp.tx, exp.schedule, num_classes=exp.info.num_classes,
                       label_smoothing=c.label_smoothing, seed=c.seed,
-                      nan_at_step=c.debug.nan_at_step, loss=experiment.loss_name(c)),
+                      nan_at_step=c.debug.nan_at_step, loss=experiment.loss_name(c),
+                      update_batch_stats=experiment.train_batch_norm(c)),
       in_shardings=(exp.delta_shardings, opt_sh, exp.frozen_shardings, batch_sh, repl),
       out_shardings=(exp.delta_shardings, opt_sh, repl),
       donate_argnums=(0, 1))

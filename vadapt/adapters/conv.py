@@ -105,10 +105,13 @@ class ConvAdapterConfig:
                        f'{tuple(in_shape)} and output shape {tuple(out_shape)}.')
     strides = []
     for i, o in zip(in_shape[1:3], out_shape[1:3]):
-      if o < 1 or i % o:
+      # An exact downsampling, or a stride-2 block on an odd map (ceil(i / 2) pixels, as padded
+      # stride-2 convs give; so does the adapter's 'SAME' 1x1 conv).
+      s = i // o if o >= 1 and i % o == 0 else 2
+      if o < 1 or -(-i // s) != o:
         raise ValueError(f'Cannot map a {in_shape[1]}x{in_shape[2]} map onto '
                          f'{out_shape[1]}x{out_shape[2]} with a strided 1x1 conv.')
-      strides.append(i // o)
+      strides.append(s)
     return ConvAdapter(
         bottleneck=self.bottleneck, reduction_factor=self.reduction_factor,
         out_features=out_shape[-1], strides=tuple(strides), activation=self.activation,

@@ -36,6 +36,8 @@ FAMILIES: dict[str, Family] = {
                    'bicubic', 1.0),
     # torchvision-style ResNets.
     'imagenet': Family((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 'bilinear', 0.875),
+    # TF EfficientNet-Lite: (x - 127) / 128 on uint8 pixels.
+    'efficientnet_lite': Family((127 / 255,) * 3, (128 / 255,) * 3, 'bilinear', 0.875),
 }
 
 

@@ -132,6 +132,7 @@ def test_cli_trains_conv_adapters_and_keeps_the_backbone_bit_identical(tmp_path,
   assert any(np.any(v) for k, v in flatten(result.delta).items() if k.endswith('up/kernel'))
 
 
+@pytest.mark.slow  # A second CLI run; the fast suite has the EfficientNet one above.
 def test_cli_resnet_parallel_then_eval(tmp_path, capsys):
   work = str(tmp_path / 'work')
   args = [f'--config={CONFIG}:test,model=resnet,method=conv_parallel', f'--workdir={work}',

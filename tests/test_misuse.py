@@ -75,7 +75,8 @@ def test_a_batch_larger_than_the_training_set_is_a_warning_that_says_what_happen
 
 def test_method_conv_on_a_transformer_says_what_to_use():
   with pytest.raises(ValueError, match=r"adapter.method='conv' puts adapters on convolutional "
-                                       r"\(ResNet\) blocks.*use one of houlsby, pfeiffer"):
+                                       r"\(ResNet, EfficientNet-Lite\) blocks.*use one of "
+                                       r"houlsby, pfeiffer"):
     experiment.adapter_spec(load_config(**{'adapter.method': 'conv'}))
   from configs import vit_b16_adapter
   assert 'conv' not in vit_b16_adapter.__doc__

@@ -101,9 +101,10 @@ def load(path: str | os.PathLike, model: efficientnet.EfficientNetLite, *,
   want = efficientnet.block_specs(model.width, model.depth)
   found_channels = info['channels']
   if tuple(s.out_features for s in want) != found_channels:
+    last = found_channels[-1] if found_channels else None
     raise CheckpointMismatchError(
         f'{os.fspath(path)!r} holds EfficientNet-Lite {info["variant"] or "(unknown variant)"} '
-        f'({info["num_blocks"]} blocks, output channels {found_channels[-1] if found_channels else None}) '
+        f'({info["num_blocks"]} blocks, output channels {last}) '
         f'but the model is {_describe(model.width, model.depth)}: build the model for the '
         'checkpoint (vadapt.models.efficientnet.from_variant).')
   converted = convert(state)

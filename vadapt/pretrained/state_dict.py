@@ -152,5 +152,6 @@ def fit_head(params: dict[str, Any], expected: Mapping[str, Any], num_classes: O
   found = params.get(f'{head}/kernel')
   if found is None or tuple(np.shape(found)) != tuple(want.shape):
     params[f'{head}/kernel'] = np.zeros(want.shape, want.dtype)
-    params[f'{head}/bias'] = np.zeros(expected[f'{head}/bias'].shape, expected[f'{head}/bias'].dtype)
+    bias = expected[f'{head}/bias']
+    params[f'{head}/bias'] = np.zeros(bias.shape, bias.dtype)
     del source  # The new head is the expected outcome of a new class count; nothing to report.

@@ -1,5 +1,6 @@
 """Delta checkpoints: bit-identical resume, adapter export/import, backbone fingerprints."""
 
+import copy
 import os
 import shutil
 
@@ -303,6 +304,18 @@ def snapshot(directory):
   return out
 
 
+def _like_run(run, **overrides):
+  """The run's config with dotted overrides."""
+  config = copy.deepcopy(run[0])
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 @pytest.mark.parametrize('override,change', [
     ({'adapter.bottleneck': 16}, 'adapter.bottleneck 8 -> 16'),
     ({'adapter.method': 'pfeiffer'}, "adapter.method 'houlsby' -> 'pfeiffer'"),
@@ -313,8 +326,7 @@ def test_a_changed_adapter_is_refused_in_one_line(run, tmp_path, override, chang
   work = str(tmp_path / 'work')
   shutil.copytree(str(root / 'work'), work)
   before = snapshot(work)
-  config = get_config(**{'total_steps': 6, 'checkpoint_every': 2, 'max_to_keep': 1,
-                         'adapter.dropout': 0.3, **override})
+  config = _like_run(run, **{'total_steps': 6, 'max_to_keep': 1, **override})
   with pytest.raises(experiment.CheckpointConfigMismatchError) as e:
     train.train_and_evaluate(config, work)
   message = str(e.value)
@@ -350,9 +362,7 @@ def test_restart_moves_the_previous_run_aside(run, tmp_path, capsys):
 
 def test_changed_learning_rate_or_steps_on_resume_is_one_line(run, tmp_path, capsys):
   config, _, root = run
-  config = get_config(**{**{k: config[k] for k in ('total_steps', 'checkpoint_every')},
-                         'adapter.dropout': 0.3, 'max_to_keep': 5, 'total_steps': 8,
-                         'optimizer.learning_rate': 0.002})
+  config = _like_run(run, **{'total_steps': 8, 'optimizer.learning_rate': 0.002})
   exp2 = experiment.setup(config)
   capsys.readouterr()
   _, _, step = experiment.restore_or_init(exp2, ckpt_lib.Checkpointer(str(root / 'work')),

@@ -16,7 +16,7 @@ directory per adapter plus `adapters.json` with their order.
   model, params = adapter_dir.load_set('out/all', backbone, backbone_params)
 
 Loading checks that the backbone is the one the adapter was trained on: the same parameter
-paths, shapes and dtypes (checkpoint.fingerprint) and the same weights (a digest of a fixed
+paths, shapes and dtypes (checkpoint.layout_fingerprint) and the same weights (a digest of a fixed
 sample of every backbone tensor). Nothing already saved is overwritten unless overwrite=True.
 """
 
@@ -120,7 +120,7 @@ def _config(model: multi.MultiAdapted, params: Mapping, name: str) -> dict[str, 
       'targets': [{'pattern': t.pattern, 'position': t.position, 'name': t.name,
                    'adapter': t.adapter.to_dict()} for t in spec.targets],
       'num_classes': spec.num_classes, 'class_names': list(spec.class_names),
-      'backbone': {'fingerprint': ckpt_lib.fingerprint(backbone),
+      'backbone': {'fingerprint': ckpt_lib.layout_fingerprint(backbone),
                    'weights_digest': weights_digest(backbone)},
   }
 
@@ -163,7 +163,7 @@ def named_adapter(config: Mapping[str, Any], name: Optional[str] = None) -> mult
 
 
 def _check_backbone(directory: str, config, backbone_params, check_weights: bool) -> None:
-  found = ckpt_lib.fingerprint(backbone_params)
+  found = ckpt_lib.layout_fingerprint(backbone_params)
   stored = config['backbone']
   if found != stored['fingerprint']:
     raise ckpt_lib.BackboneMismatchError(

@@ -370,7 +370,8 @@ def test_wrap_adapter_must_return_args_kwargs_and_a_function():
 def _stack_layers(params, depth=2):
   flat = flatten(params)
   stacked = {k: v for k, v in flat.items() if 'encoderblock_' not in k}
-  for key in {k.replace('encoderblock_0/', 'encoderblock/') for k in flat if 'encoderblock_0/' in k}:
+  for key in {k.replace('encoderblock_0/', 'encoderblock/') for k in flat
+              if 'encoderblock_0/' in k}:
     stacked[key] = jnp.stack([flat[key.replace('encoderblock/', f'encoderblock_{i}/')]
                               for i in range(depth)])
   return unflatten(stacked)

@@ -53,7 +53,8 @@ def test_scan_stacks_deep_prompts_and_agrees_with_the_loop():
   params = jax.jit(loop.init)(jax.random.key(1), x)['params']
   flat = flatten(params)
   stacked = {k: v for k, v in flat.items() if 'encoderblock_' not in k}
-  for key in {k.replace('encoderblock_0/', 'encoderblock/') for k in flat if 'encoderblock_0/' in k}:
+  for key in {k.replace('encoderblock_0/', 'encoderblock/') for k in flat
+              if 'encoderblock_0/' in k}:
     stacked[key] = jnp.stack([flat[key.replace('encoderblock/', f'encoderblock_{i}/')]
                               for i in range(2)])
   scan = api.adapt(vit.from_variant('mu/4', num_classes=10, scan=True, remat=True), 'vpt_deep',
@@ -180,7 +181,8 @@ def test_bad_input_errors():
     api.adapt(vit_mu, 'vpt_deep')
   with pytest.raises(ValueError, match=r"Options \['bottleneck'\] do not apply to 'vpt_shallow'"):
     api.adapt(vit_mu, 'vpt_shallow', prompts=4, bottleneck=8)
-  with pytest.raises(ValueError, match="prompts=4 is an option of the VPT methods, not of 'houlsby'"):
+  with pytest.raises(ValueError,
+                     match="prompts=4 is an option of the VPT methods, not of 'houlsby'"):
     api.adapt(vit_mu, 'houlsby', bottleneck=8, prompts=4)
   with pytest.raises(ValueError, match="'vpt_shallow' inserts prompts before the first block.*"
                      'nn.scan'):

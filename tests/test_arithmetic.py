@@ -47,11 +47,12 @@ def test_linear_modes(setup):
   mixed = arithmetic.weighted_sum([a, b], [0.25, 0.75])
   for k in a:
     np.testing.assert_allclose(mixed[k], 0.25 * a[k] + 0.75 * b[k], rtol=1e-6)
-  half = arithmetic.interpolate(a, b, 0.5)
+  half, negated, same = (arithmetic.interpolate(a, b, 0.5), arithmetic.negate(a),
+                         arithmetic.weighted_sum([a]))
   for k in a:
     np.testing.assert_allclose(half[k], (a[k] + b[k]) / 2, rtol=1e-6)
-    np.testing.assert_array_equal(arithmetic.negate(a)[k], -a[k])
-    np.testing.assert_array_equal(arithmetic.weighted_sum([a])[k], a[k])
+    np.testing.assert_array_equal(negated[k], -a[k])
+    np.testing.assert_array_equal(same[k], a[k])
 
 
 def _peft_ties(tensors, weights, density):

@@ -20,18 +20,22 @@ import jax.numpy as jnp
 from vadapt import placements
 from vadapt.adapters.bottleneck import BottleneckConfig
 from vadapt.adapters.conv import ConvAdapterConfig
+from vadapt.adapters.dora import DoRAConfig
+from vadapt.adapters.ia3 import IA3Config
 from vadapt.adapters.lora import LoRAConfig
 from vadapt.adapters.prompts import PromptConfig
+from vadapt.adapters.ssf import SSFConfig
 from vadapt.inject import Adapted, Target
 from vadapt.inject import Adapted as _Adapted
 from vadapt.pretrained.common import check_matches, flatten, unflatten
 
 # Methods that change what a layer's weights compute; vadapt.merge folds them into the backbone.
-WEIGHT_METHODS = ('lora',)
+WEIGHT_METHODS = ('lora', 'dora', 'ssf', 'ia3')
 PROMPT_METHODS = ('vpt_shallow', 'vpt_deep')
 CNN_METHODS = ('conv', 'conv_parallel')
+# BitFit adds no modules: it is a labelling (partition.bitfit_rules).
 METHODS = (('houlsby', 'pfeiffer', 'parallel', 'parallel_attn') + CNN_METHODS + WEIGHT_METHODS
-           + PROMPT_METHODS)
+           + PROMPT_METHODS + ('bitfit',))
 
 # AdaptFormer's defaults for the parallel methods (Chen et al., 2022): s = 0.1, LayerNorm inside.
 _PARALLEL_DEFAULTS = {'scale': 0.1, 'layer_norm': True}
@@ -52,8 +56,10 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
       vadapt.models.efficientnet for 'conv' / 'conv_parallel', or any compact model with
       explicit `targets`.
     method: 'houlsby', 'pfeiffer', 'parallel' (AdaptFormer), 'parallel_attn'; for CNNs 'conv'
-      (after each residual block) or 'conv_parallel' (alongside it); a weight-space method:
-      'lora', or visual prompts: 'vpt_shallow', 'vpt_deep' (vadapt.adapters.prompts).
+      (after each residual block) or 'conv_parallel' (alongside it); a weight-space method
+      ('lora', 'dora', 'ssf', 'ia3'; vadapt.merge folds them into the backbone), visual prompts:
+      'vpt_shallow', 'vpt_deep' (vadapt.adapters.prompts), or 'bitfit' (no modules: train with
+      partition.bitfit_rules).
     bottleneck: adapter hidden width (give this or reduction_factor).
     reduction_factor: hidden width = input width // reduction_factor.
     layers: None (all blocks), block indices, or placements.skip_lowest(k). Not for scan models.
@@ -70,11 +76,12 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
       tower only.
     drop_rate: AdapterDrop during training: each layer's adapters are left out of a training
       call with this probability (see vadapt.inject).
-    rank: LoRA rank r (default 8).
-    alpha: LoRA scale numerator: the update is alpha / rank * B A (default alpha = rank).
+    rank: LoRA/DoRA rank r (default 8).
+    alpha: LoRA/DoRA scale numerator: the update is alpha / rank * B A (default alpha = rank).
     modules: the block layers a weight-space method adapts, names from
       placements.BLOCK_LAYERS ('query', 'key', 'value', 'out', 'fc1', 'fc2', 'norm1',
-      'norm2'); LoRA defaults to ('query', 'value').
+      'norm2'). Defaults: LoRA/DoRA query and value; SSF all eight; (IA)³ key, value and fc2
+      (its input, the MLP hidden).
     prompts: VPT's prompt count per set (the VPT methods only).
 
   Returns:
@@ -95,6 +102,16 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
   _check_family(backbone, method, targets)
   if prompts is not None and method not in PROMPT_METHODS:
     raise ValueError(f'prompts={prompts!r} is an option of the VPT methods, not of {method!r}.')
+  if method == 'bitfit':
+    given = {k: v for k, v in dict(
+        bottleneck=bottleneck, reduction_factor=reduction_factor, layers=layers, scale=scale,
+        layer_norm=layer_norm, targets=targets, rank=rank, alpha=alpha, modules=modules,
+        learnable_scale=learnable_scale or None, dropout=dropout or None).items()
+        if v is not None}
+    if given:
+      raise ValueError(f"Options {sorted(given)} do not apply to 'bitfit', which adds no modules "
+                       '(it trains the biases: partition.bitfit_rules).')
+    return Adapted(backbone=backbone, targets=())
   if method in WEIGHT_METHODS:
     return _adapt_weights(Adapted, backbone, method, rank=rank, alpha=alpha, dropout=dropout,
                           modules=modules, layers=layers, targets=targets, scope=scope,
@@ -166,8 +183,17 @@ def _adapt_weights(make, backbone, method, *, rank, alpha, dropout, modules, lay
   if unused:
     raise ValueError(f'Options {unused} do not apply to method {method!r} (they configure '
                      'bottleneck adapters).')
-  config = LoRAConfig(rank=8 if rank is None else rank, alpha=alpha, dropout=dropout)
-  position = 'parallel'
+  if method in ('lora', 'dora'):
+    config_cls = LoRAConfig if method == 'lora' else DoRAConfig
+    config = config_cls(rank=8 if rank is None else rank, alpha=alpha, dropout=dropout)
+    position, place = 'parallel', functools.partial(placements.lora, modules=('query', 'value'))
+  else:
+    given = sorted(k for k, v in dict(rank=rank, alpha=alpha, dropout=dropout or None).items()
+                   if v is not None)
+    if given:
+      raise ValueError(f'Options {given} do not apply to method {method!r} (it has none).')
+    config = SSFConfig() if method == 'ssf' else IA3Config()
+    position, place = 'output', placements.ssf if method == 'ssf' else placements.ia3
   if targets is not None:
     if layers is not None or modules is not None:
       raise ValueError('layers and modules select block layers for the default placement; with '
@@ -181,9 +207,9 @@ def _adapt_weights(make, backbone, method, *, rank, alpha, dropout, modules, lay
     raise ValueError(f'layers={layers!r} selects blocks, but this backbone runs its blocks under '
                      'nn.scan (scan=True): build it with scan=False to adapt a subset of blocks.')
   scope = placements.DEFAULT_SCOPE if scope is None else scope
-  return make(backbone=backbone, targets=placements.lora(
-      config, modules=('query', 'value') if modules is None else tuple(modules), layers=layers,
-      scope=scope, name=method))
+  if modules is not None:
+    place = functools.partial(place, modules=tuple(modules))
+  return make(backbone=backbone, targets=place(config, layers=layers, scope=scope, name=method))
 
 
 def _token_layout(backbone: nn.Module) -> tuple[int, int, bool]:
@@ -247,7 +273,7 @@ def _check_family(backbone: nn.Module, method: str, targets) -> None:
   if targets is not None or family is None:
     return
   name = type(backbone).__name__
-  if family == 'cnn' and method not in CNN_METHODS + WEIGHT_METHODS:
+  if family == 'cnn' and method not in CNN_METHODS + WEIGHT_METHODS + ('bitfit',):
     raise ValueError(f'Method {method!r} places adapters in transformer blocks (ViT, CLIP); '
                      f'{name} is a CNN: use {" or ".join(map(repr, CNN_METHODS))}.')
   if family == 'transformer' and method in CNN_METHODS:

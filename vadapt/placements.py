@@ -156,6 +156,37 @@ def vpt_deep(prompts: PromptConfig, *, layers: Layers = None,
                  adapter=dataclasses.replace(prompts, strip_output=True)),)
 
 
+SSF_LAYERS = ('norm1', 'query', 'key', 'value', 'out', 'norm2', 'fc1', 'fc2')
+
+
+def ssf(adapter, *, modules=SSF_LAYERS, layers: Layers = None, scope: str = DEFAULT_SCOPE,
+        name: str = 'ssf') -> tuple[Target, ...]:
+  """SSF (Lian et al., 2022): scale and shift after every LayerNorm, attention projection and
+  MLP layer of the selected blocks."""
+  return at(layer_pattern(modules), adapter, position='output', layers=layers, scope=scope,
+            name=name)
+
+
+IA3_LAYERS = ('key', 'value', 'fc2')
+# (IA)³ rescales the MLP hidden, i.e. the input of fc2 (peft's feedforward modules); attention
+# projections are rescaled at their outputs.
+_INPUT_SIDE = ('fc1', 'fc2')
+
+
+def ia3(adapter, *, modules=IA3_LAYERS, layers: Layers = None, scope: str = DEFAULT_SCOPE,
+        name: str = 'ia3') -> tuple[Target, ...]:
+  """(IA)³ (Liu et al., 2022): keys and values rescaled at the output, the MLP hidden at fc2's
+  input."""
+  layer_pattern(modules)  # Validates the names.
+  targets = ()
+  for position, names in (('output', [m for m in modules if m not in _INPUT_SIDE]),
+                          ('input', [m for m in modules if m in _INPUT_SIDE])):
+    if names:
+      targets += at(layer_pattern(names), adapter, position=position, layers=layers, scope=scope,
+                    name=name)
+  return targets
+
+
 # CNN blocks: vadapt.models.resnet (and the flax imagenet example) names them
 # '[Bottleneck]ResNetBlock_{k}', vadapt.models.efficientnet 'blocks_{k}' (k counts over all stages).
 RESNET_BLOCKS = r'(?:.+/)?(?:Bottleneck)?ResNetBlock_\d+'

@@ -71,12 +71,27 @@ def fan_in_uniform() -> nn.initializers.Initializer:
   return init
 
 
-def lead_ndim(leaf: Any, unstacked_ndim: int, what: str) -> int:
-  """Leading (scan) axes of a stored leaf whose per-layer rank is unstacked_ndim."""
-  n = jnp.ndim(leaf) - unstacked_ndim
-  if n < 0:
-    raise ValueError(f'{what}: expected rank >= {unstacked_ndim}; found shape {jnp.shape(leaf)}.')
-  return n
+def feature_shape(layer: nn.Module, t: jax.Array) -> tuple[int, ...]:
+  """The feature axes of a layer's input or output t: a DenseGeneral's (H, D/H) when t ends in
+  them, else the last axis (Dense, Conv, LayerNorm channels)."""
+  if isinstance(layer, nn.DenseGeneral):
+    features = _tuple(layer.features)
+    if len(features) > 1 and tuple(t.shape[-len(features):]) == features:
+      return features
+  return tuple(t.shape[-1:])
+
+
+def out_lead_ndim(kernel_shape: tuple[int, ...], vec_shape: tuple[int, ...], what: str) -> int:
+  """Leading (scan) axes of a per-output-feature vector (lead + out) for a kernel
+  (lead + in + out, in non-empty): the one split under which both shapes agree."""
+  fits = [n for n in range(len(vec_shape))
+          if len(kernel_shape) > len(vec_shape)
+          and tuple(kernel_shape[:n]) == tuple(vec_shape[:n])
+          and tuple(kernel_shape[len(kernel_shape) - len(vec_shape) + n:]) == tuple(vec_shape[n:])]
+  if len(fits) != 1:
+    raise ValueError(f'{what}: cannot tell the output axes of a kernel {tuple(kernel_shape)} '
+                     f'for a vector {tuple(vec_shape)} ({"ambiguous" if fits else "no fit"}).')
+  return fits[0]
 
 
 def column_norm(v: jax.Array, n_lead: int, n_out: int) -> jax.Array:
@@ -90,9 +105,3 @@ def expand_out(vec: jax.Array, kernel_ndim: int, n_lead: int) -> jax.Array:
   n_out = vec.ndim - n_lead
   n_in = kernel_ndim - n_lead - n_out
   return vec.reshape(vec.shape[:n_lead] + (1,) * n_in + vec.shape[n_lead:])
-
-
-def expand_in(vec: jax.Array, kernel_ndim: int) -> jax.Array:
-  """Reshapes lead + in_dims to broadcast against a kernel lead + in_dims + out_dims."""
-  n_out = kernel_ndim - vec.ndim
-  return vec.reshape(vec.shape + (1,) * n_out)

@@ -25,7 +25,16 @@ from vadapt.adapters import frozen
 
 def check_rank(rank: Any) -> None:
   if isinstance(rank, bool) or int(rank) != rank or rank < 1:
-    raise ValueError(f'LoRA rank must be a positive integer; found {rank!r}.')
+    raise ValueError(f'The rank must be a positive integer; found {rank!r}.')
+
+
+def check_options(config: Any) -> None:
+  """Validates rank, alpha and dropout of a LoRA or DoRA config as soon as it is created."""
+  check_rank(config.rank)
+  if config.alpha is not None and not config.alpha > 0:
+    raise ValueError(f'{type(config).__name__} alpha must be positive; found {config.alpha!r}.')
+  if not 0.0 <= config.dropout < 1.0:
+    raise ValueError(f'dropout must be in [0, 1); found {config.dropout!r}.')
 
 
 def lora_delta(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...], scale: float):
@@ -40,6 +49,25 @@ def lora_delta(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...], scale:
   if math.prod(delta.shape) != math.prod(kernel_shape):
     raise ValueError(f'LoRA factors {a.shape} and {b.shape} do not fit a kernel {kernel_shape}.')
   return scale * delta.reshape(kernel_shape)
+
+
+def split_kernel(layer: nn.Module, w: jax.Array, rank: int, what: str):
+  """(in_dims, out_dims) of the layer's kernel, checking that rank fits the layer's width."""
+  n_out = frozen.out_ndim(layer)
+  in_dims, out_dims = tuple(w.shape[:-n_out]), tuple(w.shape[-n_out:])
+  width = min(math.prod(in_dims), math.prod(out_dims))
+  if rank > width:
+    raise ValueError(
+        f'{what} rank {rank} is larger than the layer\'s width: '
+        f'{"/".join(str(p) for p in layer.path)!r} has a kernel {tuple(w.shape)} '
+        f'({math.prod(in_dims)} in, {math.prod(out_dims)} out); use rank <= {width}.')
+  return in_dims, out_dims
+
+
+def low_rank(layer: nn.Module, a: jax.Array, b: jax.Array, x: jax.Array) -> jax.Array:
+  """B(A(x)): A through the layer's own op (r outputs), then B over the rank axis."""
+  h = frozen.apply_with_kernel(layer, a, x)
+  return jnp.tensordot(h, b.astype(h.dtype), axes=1)
 
 
 class LoRA(nn.Module):
@@ -60,19 +88,11 @@ class LoRA(nn.Module):
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
     layer = self.parent
     w = frozen.kernel(layer, 'LoRA')
-    n_out = frozen.out_ndim(layer)
-    in_dims, out_dims = w.shape[:-n_out], w.shape[-n_out:]
-    width = min(math.prod(in_dims), math.prod(out_dims))
-    if self.rank > width:
-      raise ValueError(
-          f'LoRA rank {self.rank} is larger than the layer\'s width: '
-          f'{"/".join(str(p) for p in layer.path)!r} has a kernel {tuple(w.shape)} '
-          f'({math.prod(in_dims)} in, {math.prod(out_dims)} out); use rank <= {width}.')
+    in_dims, out_dims = split_kernel(layer, w, self.rank, 'LoRA')
     a = self.param('a', frozen.fan_in_uniform(), in_dims + (self.rank,), self.param_dtype)
     b = self.param('b', nn.initializers.zeros, (self.rank,) + out_dims, self.param_dtype)
     h = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    h = frozen.apply_with_kernel(layer, a, h)
-    y = jnp.tensordot(h, b.astype(h.dtype), axes=1)
+    y = low_rank(layer, a, b, h)
     return (y * self.scale).astype(x.dtype) if self.scale != 1.0 else y.astype(x.dtype)
 
 
@@ -93,11 +113,7 @@ class LoRAConfig:
   positions = ('parallel',)
 
   def __post_init__(self):
-    check_rank(self.rank)
-    if self.alpha is not None and not self.alpha > 0:
-      raise ValueError(f'LoRA alpha must be positive; found {self.alpha!r}.')
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f'dropout must be in [0, 1); found {self.dropout!r}.')
+    check_options(self)
 
   @property
   def scale(self) -> float:

@@ -108,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # method: houlsby | pfeiffer | parallel | parallel_attn (adapters in transformer blocks),
   # vpt_shallow | vpt_deep (visual prompts: adapter.prompts, adapter.dropout on the prompts),
+  # lora | dora | ssf | ia3 (weight-space, mergeable: vadapt.merge) | bitfit (biases),
   # full (every parameter trains) | linear (the head only).
   c.adapter = ml_collections.ConfigDict()
   c.adapter.method = 'houlsby'
@@ -124,6 +125,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.prompts = 50  # VPT: prompt tokens per set.
   # AdapterDrop: each layer's adapters are left out of a training step with this probability.
   c.adapter.drop_rate = 0.0
+  # LoRA/DoRA rank and alpha (scale alpha / rank; None: alpha = rank), and the block layers the
+  # weight-space methods adapt (None: the method's default, e.g. ('query', 'value') for LoRA).
+  c.adapter.rank = 8
+  c.adapter.alpha = config_dict.placeholder(float)
+  c.adapter.modules = config_dict.placeholder(tuple)
   c.train_head = True
 
   c.input = input_pipeline.default_config()

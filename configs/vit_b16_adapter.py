@@ -7,8 +7,9 @@ Launch (the checkpoint is a vit_jax/big_vision .npz or a Hugging Face .safetenso
 
 Arguments after ':' (comma separated), e.g. `--config=configs/vit_b16_adapter.py:method=pfeiffer`:
   variant=B/16      ViT variant (Ti/16, S/16, B/16, L/16, ...)
-  method=houlsby    houlsby | pfeiffer | parallel | parallel_attn | vpt_shallow | vpt_deep |
-                    full | linear (VPT: --config.adapter.prompts=50)
+  method=houlsby    houlsby | pfeiffer | parallel | parallel_attn | lora | dora | ssf | ia3 |
+                    bitfit | vpt_shallow | vpt_deep | full | linear
+                    (LoRA rank: --config.adapter.rank=8; VPT: --config.adapter.prompts=50)
   bottleneck=64     adapter hidden width
   dataset=oxford_iiit_pet   any tfds image classification dataset (e.g. cifar100)
   steps=2000        training steps

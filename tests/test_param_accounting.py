@@ -36,6 +36,10 @@ def test_trainable_counts_match_the_readme(backbone, method):
 # classes: (trainable with the head, with the head frozen, total).
 WEIGHT_METHOD_FIGURES = {
     'lora': (1_063_912, 294_912, 86_862_568),
+    'dora': (1_082_344, 313_344, 86_881_000),
+    'ssf': (971_752, 202_752, 86_770_408),
+    'ia3': (824_296, 55_296, 86_622_952),
+    'bitfit': (871_912, 102_912, 86_567_656),
 }
 # Published: Hu et al. count r=8 on W_q and W_v of ViT-B as 12 x 2 x (768 x 8 + 8 x 768).
 LORA_B16_QV_R8 = 294_912
@@ -70,10 +74,17 @@ def _peft_trainable(config):
   return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_lora_count_matches_the_paper_and_peft():
+def test_lora_dora_ia3_counts_match_the_paper_and_peft():
   peft = pytest.importorskip('peft')
-  params = _b16_params('lora', rank=8, alpha=16)
-  ours = partition.count(params, partition.label_tree(params, _rules('lora', False)))
-  assert ours['adapter'] == LORA_B16_QV_R8
-  theirs = _peft_trainable(peft.LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))
-  assert theirs == LORA_B16_QV_R8
+  ours = {}
+  for method in ('lora', 'dora', 'ia3'):
+    params = _b16_params(method)
+    ours[method] = partition.count(params, partition.label_tree(params, _rules(method, False)))
+  assert ours['lora']['adapter'] == LORA_B16_QV_R8
+  # Hugging Face's ViT names: q_proj, k_proj, v_proj, o_proj; mlp.fc1, mlp.fc2.
+  lora = dict(r=8, lora_alpha=8, target_modules=['q_proj', 'v_proj'])
+  assert _peft_trainable(peft.LoraConfig(**lora)) == LORA_B16_QV_R8
+  assert _peft_trainable(peft.LoraConfig(**lora, use_dora=True)) == ours['dora']['adapter']
+  # (IA)³ with the MLP as a feed-forward module: fc2's input is rescaled, as in vadapt.
+  assert _peft_trainable(peft.IA3Config(target_modules=['k_proj', 'v_proj', 'fc2'],
+                                        feedforward_modules=['fc2'])) == ours['ia3']['adapter']

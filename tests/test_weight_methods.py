@@ -1,6 +1,8 @@
 """Weight-space methods (LoRA, ...): identity at init, training touches only the delta, merging
 into the bare backbone and unmerging, nn.scan/remat, other layer kinds, CLIP's towers, errors."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,13 +10,17 @@ import numpy as np
 import optax
 import pytest
 
-from vadapt import api, inject, merge, partition
+from cli_runner import run_main
+from config_overrides import load_config
+from vadapt import api, backbones, experiment, inject, merge, partition
+from vadapt import checkpoint as ckpt_lib
 from vadapt.adapters import BottleneckConfig
 from vadapt.adapters.lora import LoRAConfig
 from vadapt.models import clip, vit
 from vadapt.pretrained.common import flatten, unflatten
 
 ATT, MLP = 'MultiHeadDotProductAttention_0', 'MlpBlock_0'
+CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'vit_b16_adapter.py')
 # Merged outputs must match the adapted model within this relative error (f32).
 MERGE_RTOL = 1e-6
 DORA_IDENTITY_RTOL = 1e-6
@@ -180,6 +186,21 @@ def test_merge_matches_adapted_model_and_unmerge_restores(method, backbone, batc
       assert np.all(np.abs(flat_restored[path] - value) <= 2 * np.spacing(big)), path
 
 
+def test_bitfit_trains_biases_and_head_only(backbone, batch):
+  model, bb_params = backbone
+  adapted = api.adapt(model, 'bitfit')
+  params = api.init_with_pretrained(adapted, bb_params, jax.random.key(4), batch[0])
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, bb_params)
+  trained, losses = _train(adapted, params, batch, partition.bitfit_rules(train_head=True))
+  assert losses[-1] < losses[0], losses
+  before, after = flatten(params), flatten(trained)
+  changed = {k for k in before if not np.array_equal(after[k], before[k])}
+  assert changed and all(k.endswith('/bias') or k.startswith('head/') for k in changed)
+  assert 'Transformer/encoderblock_1/LayerNorm_0/bias' in changed
+  with pytest.raises(ValueError, match=r"Options \['rank'\] do not apply to 'bitfit'"):
+    api.adapt(model, 'bitfit', rank=4)
+
+
 def test_merge_and_unmerge_refuse_wrong_input(backbone, batch):
   model, bb_params = backbone
   images, _ = batch
@@ -297,3 +318,32 @@ def test_unmergeable_target_in_custom_list_is_named(backbone):
   adapted = api.adapt(model, targets=targets)
   with pytest.raises(ValueError, match='MlpBlock_0'):
     merge.merge(adapted, {})
+
+
+@pytest.mark.parametrize('method', ['lora', 'dora', 'ssf', 'ia3', 'bitfit'])
+def test_cli_trains_exports_and_reloads(method, tmp_path):
+  """`--config.adapter.method=...` on the :test config; the exported file reloads onto the
+  backbone and (weight-space methods) merges into it."""
+  workdir = str(tmp_path / 'work')
+  run_main([f'--config={CONFIG}:test', f'--workdir={workdir}', '--config.mesh.num_devices=1',
+            f'--config.adapter.method={method}', '--config.adapter.rank=2',
+            '--config.total_steps=2'])
+  flat, meta = ckpt_lib.read_adapter(os.path.join(workdir, 'adapter.safetensors'))
+  assert meta['adapter']['method'] == method
+  if method == 'bitfit':
+    assert flat and all(k.endswith('/bias') or k.startswith('head/') for k in flat)
+  else:
+    assert {k for k in flat if not k.startswith('head/')} == {
+        k for k in flat if f'/{method}/' in k} != set()
+  if method in ('lora', 'dora'):
+    assert meta['adapter']['rank'] == 2
+  config = load_config(**{'adapter.method': method, 'adapter.rank': 2})
+  model, backbone = experiment.build_model(config, 10)
+  backbone_params = backbones.load_params(config.backbone, backbone,
+                                          rng=jax.random.fold_in(jax.random.PRNGKey(0), 1))
+  params = ckpt_lib.load_adapter(os.path.join(workdir, 'adapter.safetensors'), model,
+                                 backbone_params)
+  images = jax.random.normal(jax.random.key(7), (4, 32, 32, 3))
+  adapted = _apply(model, params, images)
+  if method != 'bitfit':
+    assert _rel_err(_apply(backbone, _merge(model, params), images), adapted) < 1e-5

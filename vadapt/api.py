@@ -106,7 +106,8 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
     given = {k: v for k, v in dict(
         bottleneck=bottleneck, reduction_factor=reduction_factor, layers=layers, scale=scale,
         layer_norm=layer_norm, targets=targets, rank=rank, alpha=alpha, modules=modules,
-        learnable_scale=learnable_scale or None, dropout=dropout or None).items()
+        learnable_scale=learnable_scale or None, dropout=dropout or None,
+        drop_rate=drop_rate or None, prompts=prompts).items()
         if v is not None}
     if given:
       raise ValueError(f"Options {sorted(given)} do not apply to 'bitfit', which adds no modules "

@@ -33,7 +33,7 @@ from vadapt import sharding as sharding_lib
 from vadapt.pretrained import common as pretrained_common
 
 ADAPTER_METHODS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_attn', 'conv', 'conv_parallel',
-                   'vpt_shallow', 'vpt_deep')
+                   'vpt_shallow', 'vpt_deep') + api.WEIGHT_METHODS + ('bitfit',)
 METHODS = ADAPTER_METHODS + ('full', 'linear', 'clip_adapter')
 LOSSES = ('ce', 'contrastive')
 # Backbones without convolutional blocks: no place for method='conv'.
@@ -44,6 +44,11 @@ _ADAPTER_FIELDS = ('bottleneck', 'reduction_factor', 'layers', 'activation', 'sc
 _METHOD_FIELDS = {
     'vpt_shallow': ('prompts', 'layers', 'dropout', 'drop_rate'),
     'vpt_deep': ('prompts', 'layers', 'dropout', 'drop_rate'),
+    'lora': ('rank', 'alpha', 'modules', 'layers', 'dropout', 'drop_rate'),
+    'dora': ('rank', 'alpha', 'modules', 'layers', 'dropout', 'drop_rate'),
+    'ssf': ('modules', 'layers', 'drop_rate'),
+    'ia3': ('modules', 'layers', 'drop_rate'),
+    'bitfit': (),
 }
 
 
@@ -72,7 +77,7 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
       spec[name] = list(value) if isinstance(value, tuple) else value
     if spec.get('reduction_factor') is not None:  # Documented to replace bottleneck.
       spec['bottleneck'] = None
-    if config.adapter.get('scope'):
+    if config.adapter.get('scope') and method != 'bitfit':
       spec['scope'] = config.adapter.scope
   if method == 'clip_adapter':
     if config.backbone.model != 'clip':
@@ -138,6 +143,8 @@ def label_rules(config: ml_collections.ConfigDict):
     return state + [(r'.*', 'full')]
   if method == 'linear':
     return state + [(r'^head/', 'head'), (r'.*', 'frozen')]
+  if method == 'bitfit':
+    return state + partition.bitfit_rules(train_head=config.train_head)
   return state + partition.default_rules(train_head=config.train_head)
 
 

@@ -320,7 +320,10 @@ def test_unmergeable_target_in_custom_list_is_named(backbone):
     merge.merge(adapted, {})
 
 
-@pytest.mark.parametrize('method', ['lora', 'dora', 'ssf', 'ia3', 'bitfit'])
+# A CLI run compiles a train and an eval step: LoRA and BitFit (the two code paths: adapter
+# modules, label rules only) run in the fast suite, the other weight-space methods in the slow one.
+@pytest.mark.parametrize('method', ['lora', 'bitfit'] + [
+    pytest.param(m, marks=pytest.mark.slow) for m in ('dora', 'ssf', 'ia3')])
 def test_cli_trains_exports_and_reloads(method, tmp_path):
   """`--config.adapter.method=...` on the :test config; the exported file reloads onto the
   backbone and (weight-space methods) merges into it."""

@@ -350,3 +350,19 @@ def test_cli_trains_exports_and_reloads(method, tmp_path):
   adapted = _apply(model, params, images)
   if method != 'bitfit':
     assert _rel_err(_apply(backbone, _merge(model, params), images), adapted) < 1e-5
+
+
+@pytest.mark.parametrize('method', ['lora', 'ssf'])
+def test_on_a_dinov2_style_vit(method):
+  """LayerScale, register tokens and a SwiGLU MLP (DINOv2 ViT-g's options) on the tiny ViT."""
+  model = vit.from_variant('mu/4', num_classes=10, layer_scale_init=0.1, num_registers=2,
+                           gated_mlp=True, activation='silu', classifier='token_gap')
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  bb = jax.jit(model.init)(jax.random.key(1), x)['params']
+  bb['head']['kernel'] = jax.random.normal(jax.random.key(3), bb['head']['kernel'].shape)
+  adapted = api.adapt(model, method, **({'modules': KERNELS} if method == 'lora' else {}))
+  params = api.init_with_pretrained(adapted, bb, jax.random.key(2), x)
+  np.testing.assert_array_equal(_apply(adapted, params, x), _apply(model, bb, x))
+  params = _perturb(params)
+  want = _apply(adapted, params, x)
+  assert _rel_err(_apply(model, _merge(adapted, params), x), want) < MERGE_RTOL

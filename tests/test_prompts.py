@@ -171,9 +171,12 @@ class _Mlp(nn.Module):
 
 def test_bad_input_errors():
   vit_mu = vit.from_variant('mu/4', num_classes=10)
-  with pytest.raises(ValueError, match='VPT inserts prompt tokens.*ResNet has none'):
+  with pytest.raises(ValueError, match="'vpt_deep' places adapters in transformer blocks.*"
+                     'ResNet is a CNN'):
     api.adapt(resnet.ResNet(stage_sizes=(1,), block_cls=resnet.ResNetBlock, num_classes=2),
               'vpt_deep', prompts=4)
+  with pytest.raises(ValueError, match='VPT inserts prompt tokens.*_Mlp has none'):
+    api.adapt(_Mlp(), 'vpt_shallow', prompts=4)
   for bad in (0, -3):
     with pytest.raises(ValueError, match=f'positive number of prompt tokens; found {bad}'):
       api.adapt(vit_mu, 'vpt_deep', prompts=bad)

@@ -194,6 +194,7 @@ def test_fusion_training_leaves_task_adapters_bit_identical(setup):
   before, after = flatten(params_f), flatten(trained)
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   assert changed and all('/fusion_a_c/' in k or k.startswith('heads/f/') for k in changed)
+  assert not [k for k in flatten(multi.backbone_params(fused, trained)) if 'fusion' in k]
   task_outputs = jax.jit(lambda p: [fused.apply({'params': p}, x, adapter=n) for n in NAMES])
   for a, b in zip(task_outputs(trained), task_outputs(params_f)):
     np.testing.assert_array_equal(a, b)
@@ -240,6 +241,8 @@ def test_bad_input(setup):
     Stack('a', 'a')
   with pytest.raises(ValueError, match='Fuse needs at least two adapters'):
     Fuse('a')
+  with pytest.raises(ValueError, match='Fuse names start with "fusion"'):
+    Fuse('a', 'c', name='mix')
   with pytest.raises(ValueError, match='pass head='):
     apply(adapter=Average('a', 'c'))
   with pytest.raises(ValueError, match=r"Fuse\('a', 'b'\): \['b'\] have no adapter on "

@@ -93,7 +93,8 @@ class Fuse:
 
   Attributes:
     members: the task adapters' names (at least two).
-    name: the fusion layers' module name; defaults to 'fusion_' + '_'.join(members).
+    name: the fusion layers' module name, starting with 'fusion'; defaults to
+      'fusion_' + '_'.join(members).
     dropout: dropout on the attention scores.
     temperature: softmax temperature.
   """
@@ -108,8 +109,9 @@ class Fuse:
     if len(members) < 2:
       raise ValueError(f'Fuse needs at least two adapters; found {members}.')
     name = name or 'fusion_' + '_'.join(members)
-    if '/' in name or '.' in name:
-      raise ValueError(f'Fuse name must not contain "/" or "."; found {name!r}.')
+    # The prefix tells fusion layers apart from backbone modules (see multi.backbone_params).
+    if '/' in name or '.' in name or not name.startswith('fusion'):
+      raise ValueError(f'Fuse names start with "fusion" and hold no "/" or "."; found {name!r}.')
     if not 0.0 <= dropout < 1.0 or temperature <= 0:
       raise ValueError(f'Fuse needs 0 <= dropout < 1 and temperature > 0; found dropout='
                        f'{dropout!r}, temperature={temperature!r}.')

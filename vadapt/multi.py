@@ -655,8 +655,8 @@ def backbone_params(model: MultiAdapted, params: Mapping[str, Any]) -> dict[str,
   """The backbone's own leaves: no adapter, head or fusion layer."""
   names = model.names()
   return unflatten({k: v for k, v in flatten(params).items()
-                    if owner(k, names) is None and '/fusion_' not in '/' + k
-                    and not k.startswith(HEADS + '/')})
+                    if owner(k, names) is None and not k.startswith(HEADS + '/')
+                    and not any(p.startswith('fusion') for p in k.split('/')[:-1])})
 
 
 def init_missing(model: MultiAdapted, params: Mapping[str, Any], rng: jax.Array, *sample_args,

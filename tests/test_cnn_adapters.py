@@ -130,6 +130,15 @@ def test_cli_trains_conv_adapters_and_keeps_the_backbone_bit_identical(tmp_path,
   for k, v in frozen.items():
     np.testing.assert_array_equal(v, expected[k], err_msg=k)
   assert any(np.any(v) for k, v in flatten(result.delta).items() if k.endswith('up/kernel'))
+  # The exported adapter goes back onto the loaded backbone, statistics included.
+  from vadapt import checkpoint  # pylint: disable=g-import-not-at-top
+  model, _ = experiment.build_model(config, 10)
+  params = checkpoint.load_adapter(result.adapter_path, model, loaded)
+  flat = flatten(params)
+  for k, v in flatten(result.delta).items():
+    np.testing.assert_array_equal(flat[k], v)
+  logits = model.apply(partition.to_variables(params), jnp.zeros((1, 32, 32, 3)))
+  assert np.all(np.isfinite(logits))
 
 
 @pytest.mark.slow  # A second CLI run; the fast suite has the EfficientNet one above.

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vadapt import files
+from vadapt import partition
 from vadapt.pretrained import common as pretrained_common
 
 ITEMS = ('delta', 'opt_state', 'meta')
@@ -270,6 +271,9 @@ def load_adapter(path: str, model: nn.Module, backbone_params: Mapping[str, Any]
                  allow_other_backbone: bool = False) -> dict[str, Any]:
   """Puts an exported adapter onto a backbone; returns the full params for `model.apply`.
 
+  For a CNN, `backbone_params` and the result also hold the BatchNorm statistics under
+  'batch_stats' (as backbones.load_params gives them): apply with partition.to_variables(params).
+
   Args:
     path: the .safetensors file from `save_adapter` / `export.export_adapter`.
     model: the adapted model (e.g. `api.adapt(backbone, **meta['adapter'])`).
@@ -306,8 +310,10 @@ def load_adapter(path: str, model: nn.Module, backbone_params: Mapping[str, Any]
     raise AdapterFileError(f'Adapter {path!r} stores no image_size, which is needed to trace the '
                            'model: pass image_size=.')
   images = jnp.zeros((1, size, size, 3), jnp.float32)
-  expected = pretrained_common.flatten(jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), images, train=False)['params']))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+  # CNNs' BatchNorm statistics ride with the params under 'batch_stats', as in training.
+  expected = pretrained_common.flatten({**shapes['params'], **{
+      c: shapes[c] for c in partition.STATE_COLLECTIONS if c in shapes}})
   merged = {**pretrained_common.flatten(frozen), **flat_delta}
   pretrained_common.check_matches(expected, merged, source=f'adapter {path!r} + backbone')
   return pretrained_common.unflatten(merged)

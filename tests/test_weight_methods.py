@@ -250,7 +250,8 @@ def test_scan_remat_and_loop_agree_and_merge(backbone):
   params = _perturb(api.init_with_pretrained(loop, bb_params, jax.random.key(4), x))
   flat = flatten(params)
   stacked = {k: v for k, v in flat.items() if 'encoderblock_' not in k}
-  for key in {k.replace('encoderblock_0/', 'encoderblock/') for k in flat if 'encoderblock_0/' in k}:
+  block0 = [k for k in flat if 'encoderblock_0/' in k]
+  for key in {k.replace('encoderblock_0/', 'encoderblock/') for k in block0}:
     stacked[key] = jnp.stack([flat[key.replace('encoderblock/', f'encoderblock_{i}/')]
                               for i in range(2)])
   stacked = unflatten(stacked)

@@ -83,10 +83,10 @@ def merge(model: Adapted, params: Mapping[str, Any]) -> dict[str, Any]:
   flat = flatten(params)
   located = _located(model, flat)
   if not located:
+    names = sorted({t.name for t in model.targets})
     raise ValueError(
         'Nothing to merge: the params hold no adapter parameters of this model (expected leaves '
-        f'under {sorted({t.name for t in model.targets})} at {[t.pattern for t in model.targets][:3]}'
-        '). Were they merged already?')
+        f'under {names} at {[t.pattern for t in model.targets][:3]}). Were they merged already?')
   missing = [t.pattern for i, t in enumerate(model.targets) if not any(k[1] == i for k in located)]
   if missing:
     raise ValueError(f'The params hold no adapter for targets {missing}: merge needs the params '

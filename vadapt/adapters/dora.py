@@ -82,7 +82,7 @@ class DoRAConfig:
 
   @property
   def scale(self) -> float:
-    return (self.rank if self.alpha is None else self.alpha) / self.rank
+    return lora.lora_scale(self.rank, self.alpha)
 
   def build(self, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...], name: str,
             parent: nn.Module) -> DoRA:

@@ -37,6 +37,11 @@ def check_options(config: Any) -> None:
     raise ValueError(f'dropout must be in [0, 1); found {config.dropout!r}.')
 
 
+def lora_scale(rank: int, alpha: Optional[float]) -> float:
+  """The update's multiplier alpha / r (1 when alpha is not given), as in Hu et al. and peft."""
+  return (rank if alpha is None else alpha) / rank
+
+
 def lora_delta(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...], scale: float):
   """s * A B shaped like the kernel (lead + in + out), A: lead + in + (r,), B: lead + (r,) + out."""
   n_lead = a.ndim + b.ndim - 2 - len(kernel_shape)
@@ -117,7 +122,7 @@ class LoRAConfig:
 
   @property
   def scale(self) -> float:
-    return (self.rank if self.alpha is None else self.alpha) / self.rank
+    return lora_scale(self.rank, self.alpha)
 
   def build(self, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...], name: str,
             parent: nn.Module) -> LoRA:

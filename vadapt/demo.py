@@ -52,6 +52,11 @@ class Row:
     learning_rate: the peak learning rate used.
     delta_bytes: the trained delta's checkpoint on disk.
     backbone_bytes: the pre-trained backbone's parameters (f32, head excluded).
+    train_seconds: the training steps alone (compilation, loading and evaluation excluded).
+    img_per_sec: training images per second over those steps.
+    peak_bytes: peak memory when the run ended (metrics.peak_memory: the accelerator's peak,
+      else the process's peak resident set, which spans every run made in that process).
+    peak_kind: what peak_bytes measures.
   """
   method: str
   accuracy: float
@@ -63,6 +68,10 @@ class Row:
   learning_rate: float
   delta_bytes: int
   backbone_bytes: int
+  train_seconds: float = 0.0
+  img_per_sec: float = 0.0
+  peak_bytes: int = 0
+  peak_kind: str = ''
 
 
 def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
@@ -111,7 +120,10 @@ def run_method(config: ml_collections.ConfigDict, workdir: str, backbone_size: i
             eval_examples=int(result.metrics['eval/examples']), trainable=int(trainable),
             total=int(trainable + frozen), seconds=round(seconds, 1), steps=result.step,
             learning_rate=float(config.optimizer.learning_rate),
-            delta_bytes=train.dir_bytes(delta_dir), backbone_bytes=backbone_size)
+            delta_bytes=train.dir_bytes(delta_dir), backbone_bytes=backbone_size,
+            train_seconds=round(result.metrics.get('train/run_seconds', 0.0), 2),
+            img_per_sec=round(result.metrics.get('train/run_img_per_sec', 0.0), 2),
+            **dict(zip(('peak_bytes', 'peak_kind'), metrics_lib.peak_memory())))
   if jax.process_index() == 0:
     tmp = result_path + '.tmp'
     with open(tmp, 'w') as f:

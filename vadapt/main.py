@@ -11,6 +11,7 @@ r"""Command line: parses flags and dispatches to the mode's module; nothing else
   python -m vadapt.main --config=configs/clip_b16_adapter.py --workdir=w --mode=retrieval \
       --config.retrieval.path=captioned_images
   python -m vadapt.main --config=configs/dinov2_fashion_mnist.py --workdir=w --mode=compare
+  python -m vadapt.main --config=configs/transfer_study.py --workdir=w --mode=study
   python -m vadapt.main --help [--config=configs/vit_b16_adapter.py]   # modes, methods, options
 
 A user error (a bad option, a missing file) prints one line and exits with status 2; -v (or
@@ -49,6 +50,8 @@ MODES = {
     'retrieval': "CLIP image-text retrieval recall (with the workdir's trained adapters, if any)",
     'compare': 'train every method of config.compare.methods at the same budget, one workdir '
                'each, and print them side by side (make demo)',
+    'study': 'the transfer study of config.study: every method, learning rates chosen on '
+             'validation, seeds, a data-size sweep; tables and plots (vadapt.study)',
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -113,6 +116,9 @@ def main(argv):
   elif mode == 'compare':
     from vadapt import demo  # pylint: disable=g-import-not-at-top
     demo.compare(config, workdir)
+  elif mode == 'study':
+    from vadapt import study  # pylint: disable=g-import-not-at-top
+    study.run_study(config, workdir)
 
 
 # ------------------------------------------------------------------------------ argv handling

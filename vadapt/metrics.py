@@ -82,6 +82,25 @@ def format_duration(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
+def peak_memory() -> tuple[int, str]:
+  """(bytes, what) of this process's peak memory so far.
+
+  The largest peak_bytes_in_use of the local accelerators where they report one (GPU, TPU), else
+  the process's peak resident set size (CPU; it never decreases, so it covers every earlier run in
+  the same process).
+  """
+  peaks = []
+  for d in jax.local_devices():
+    stats = d.memory_stats() if hasattr(d, 'memory_stats') else None
+    if stats and 'peak_bytes_in_use' in stats:
+      peaks.append(int(stats['peak_bytes_in_use']))
+  if peaks:
+    return max(peaks), f'{jax.local_devices()[0].platform} peak bytes in use'
+  import resource  # pylint: disable=g-import-not-at-top
+  kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux.
+  return int(kib) * 1024, 'process peak RSS'
+
+
 class Progress:
   """Training progress: a tqdm bar with ETA on a terminal, and the logged progress lines.
 
@@ -109,9 +128,18 @@ class Progress:
     now = time.perf_counter()
     self.compile_sec = now - self._start
     self._last_step, self._last_time = step, now
+    self._compiled_step, self._compiled_time = step, now
     self._bar = make_bar(total=self.total_steps, initial=step, desc='train', unit='step',
                          enable=self._enable_bar)
     return self.compile_sec
+
+  def totals(self, step: int) -> dict[str, float]:
+    """Seconds and img/s of the steps after the compiled one, up to `step` ({} before any)."""
+    if self.compile_sec is None or step <= self._compiled_step:
+      return {}
+    seconds = max(time.perf_counter() - self._compiled_time, 1e-9)
+    images = (step - self._compiled_step) * self.global_batch_size
+    return {'seconds': seconds, 'img_per_sec': images / seconds, 'compile_seconds': self.compile_sec}
 
   def update(self, step: int) -> None:
     """Moves the bar to `step` (cheap: call every step)."""

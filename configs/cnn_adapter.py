@@ -17,7 +17,9 @@ Arguments after ':' (comma separated):
   model=efficientnet_lite   efficientnet_lite | resnet
   variant=                  lite0 ... lite4 (default lite0) | ResNet depth 18 ... 152 (default 50)
   method=conv               conv (adapter after each block) | conv_parallel (alongside each
-                            block) | linear (head only) | full (every parameter); the methods
+                            block) | lora | dora (on every dense convolution inside the blocks;
+                            --config.adapter.rank, .alpha, .modules) | bitfit (BatchNorm shifts
+                            and head) | linear (head only) | full (every parameter); the methods
                             that work on a CNN
   reduction=8               adapter width = block width // reduction
   image_size=64             Fashion-MNIST's 28 px upsampled (>= 32; 224 is the Lite0 size)
@@ -40,7 +42,8 @@ _PREPROCESS = {'efficientnet_lite': 'efficientnet_lite', 'resnet': 'imagenet'}
 # Tiny random backbones for :test (no checkpoint).
 _TEST_OVERRIDES = {'efficientnet_lite': {'width': 0.25, 'depth': 0.3},
                    'resnet': {'num_filters': 8}}
-_LEARNING_RATES = {'conv': 1e-3, 'conv_parallel': 1e-3, 'linear': 1e-2, 'full': 1e-4}
+_LEARNING_RATES = {'conv': 1e-3, 'conv_parallel': 1e-3, 'lora': 1e-3, 'dora': 1e-3,
+                   'bitfit': 1e-3, 'linear': 1e-2, 'full': 1e-4}
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

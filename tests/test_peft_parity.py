@@ -68,23 +68,41 @@ def _randomise_lora(model, seed):
         p.copy_(p * (1 + noise) if 'lora_magnitude_vector' in name else noise)
 
 
-def _vadapt_path(torch_module, mapping):
-  for pattern, path in mapping.items():
+def _vit_path(torch_module):
+  for pattern, path in VIT_MODULES.items():
     if re.fullmatch(pattern, torch_module):
       return re.sub(pattern, path, torch_module)
   raise KeyError(f'No vadapt module for {torch_module!r}.')
 
 
-def _peft_tensors(peft_model, mapping, name):
-  """{vadapt adapter leaf path: peft tensor as numpy} for every adapted module."""
+def _peft_tensors(peft_model, to_path, name):
+  """{vadapt adapter leaf path: peft tensor as numpy} for every adapted module; `to_path` maps a
+  PyTorch module name to the vadapt module path."""
   out = {}
   for key, value in peft_model.state_dict().items():
     m = re.fullmatch(r'base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)\.default'
                      r'(?:\.weight)?', key)
     if m:
       leaf = {'lora_A': 'a', 'lora_B': 'b', 'lora_magnitude_vector': 'magnitude'}[m.group(2)]
-      out[f'{_vadapt_path(m.group(1), mapping)}/{name}/{leaf}'] = value.numpy()
+      out[f'{to_path(m.group(1))}/{name}/{leaf}'] = value.numpy()
   return out
+
+
+def _peft_forward(model, method, targets, inputs, to_path):
+  """(the model's output, peft's output, its adapter tensors by vadapt path) with random
+  factors; `model` is left without adapters afterwards."""
+  with torch.no_grad():
+    bare = model(**inputs)
+  peft_model = peft.get_peft_model(model, peft.LoraConfig(
+      r=RANK, lora_alpha=ALPHA, target_modules=targets, use_dora=method == 'dora'))
+  try:
+    peft_model.eval()
+    _randomise_lora(peft_model, seed=2)
+    with torch.no_grad():
+      out = peft_model(**inputs)
+    return bare, out, _peft_tensors(peft_model, to_path, method)
+  finally:
+    peft_model.unload()
 
 
 def _to_vadapt(leaf: str, value: np.ndarray, shape) -> np.ndarray:
@@ -97,13 +115,15 @@ def _to_vadapt(leaf: str, value: np.ndarray, shape) -> np.ndarray:
   return value.T.reshape(shape)
 
 
-def _copy_adapters(params, tensors):
-  """params with every adapter leaf replaced by peft's value; each side has exactly the other's."""
+def _with_adapters(model, params, tensors, images):
+  """The backbone's params plus peft's adapter values at the adapted model's adapter leaves,
+  which must be exactly peft's."""
+  shapes = flatten(jax.eval_shape(model.init, jax.random.key(0), images)['params'])
   flat = flatten(params)
-  ours = {k for k in flat if re.search(r'/(?:lora|dora)/', k)}
-  assert ours == set(tensors), (sorted(ours ^ set(tensors))[:6])
+  ours = set(shapes) - set(flat)
+  assert ours == set(tensors), sorted(ours ^ set(tensors))[:6]
   for k, v in tensors.items():
-    flat[k] = jnp.asarray(_to_vadapt(k, v, flat[k].shape), flat[k].dtype)
+    flat[k] = jnp.asarray(_to_vadapt(k, v, shapes[k].shape), shapes[k].dtype)
   return unflatten(flat)
 
 
@@ -126,27 +146,78 @@ def hf_vit(tmp_path_factory):
 @pytest.mark.parametrize('method', ['lora', 'dora'])
 def test_vit_forward_matches_peft(method, hf_vit):
   hf, backbone, params, images = hf_vit
-  peft_model = peft.get_peft_model(hf, peft.LoraConfig(
-      r=RANK, lora_alpha=ALPHA, target_modules=PEFT_VIT_TARGETS, use_dora=method == 'dora'))
-  try:
-    peft_model.eval()
-    _randomise_lora(peft_model, seed=2)
-    with torch.no_grad():
-      ref = peft_model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
-    ref = ref.last_hidden_state.numpy()
-    tensors = _peft_tensors(peft_model, VIT_MODULES, method)
-  finally:
-    peft_model.unload()  # Leaves `hf` as it was for the other cases.
+  bare, ref, tensors = _peft_forward(
+      hf, method, PEFT_VIT_TARGETS,
+      dict(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2)), _vit_path)
+  ref = ref.last_hidden_state.numpy()
 
   model = api.adapt(backbone, method, rank=RANK, alpha=ALPHA, targets=VIT_TARGETS)
-  adapted = api.init_with_pretrained(model, params, jax.random.key(0), jnp.asarray(images))
-  adapted = _copy_adapters(adapted, tensors)
-  encoded = lambda m: jax.jit(
-      lambda p, x: m.apply({'params': p}, x, return_features=True)[1]['encoded'])
-  ours = encoded(model)(adapted, images)
-  bare = encoded(backbone)(params, images)  # The adapters must matter, or parity shows nothing.
-  err, effect = _rel_err(ours, ref), _rel_err(bare, ref)
+  adapted = _with_adapters(model, params, tensors, images)
+  ours = jax.jit(lambda p, x: model.apply({'params': p}, x, return_features=True)[1]['encoded'])(
+      adapted, images)
+  # The adapters must matter, or parity shows nothing.
+  err, effect = _rel_err(ours, ref), _rel_err(bare.last_hidden_state.numpy(), ref)
   print(f'\n{method} vs peft on the tiny ViT (q/k/v/out/fc1/fc2 + patch conv, r={RANK}): max '
         f'relative error {err:.2e}; the adapters move the output by {effect:.2e}')
+  assert err <= TOLERANCE
+  assert effect > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------- LoRA on a CNN's convs
+
+RESNETS = {
+    'basic': dict(layer_type='basic', embedding_size=16, hidden_sizes=[16, 32, 64, 128],
+                  depths=[2, 1, 1, 1]),
+    'bottleneck': dict(layer_type='bottleneck', embedding_size=8,
+                       hidden_sizes=[32, 64, 128, 256], depths=[1, 2, 1, 1]),
+}
+# peft's regex for vadapt's default CNN placement (placements.cnn_lora): every convolution inside
+# a residual block (the main path's and the projection shortcut's), not the stem.
+PEFT_RESNET_TARGETS = r'encoder\.stages\.\d+\.layers\.\d+\.(?:layer\.\d+|shortcut)\.convolution'
+
+
+def _resnet_path(depths, block):
+  """transformers' ResNet conv names -> vadapt's (blocks numbered over all stages)."""
+  def to_path(torch_module):
+    m = re.fullmatch(r'encoder\.stages\.(\d+)\.layers\.(\d+)\.(?:layer\.(\d+)|shortcut)'
+                     r'\.convolution', torch_module)
+    stage, i, j = int(m.group(1)), int(m.group(2)), m.group(3)
+    return f'{block}_{sum(depths[:stage]) + i}/' + ('conv_proj' if j is None else f'Conv_{j}')
+  return to_path
+
+
+@pytest.mark.parametrize('kind,method', [('basic', 'lora'), ('bottleneck', 'lora'),
+                                         ('basic', 'dora')])
+def test_resnet_convs_match_peft(kind, method, tmp_path):
+  """The default CNN placement (method='lora' on a ResNet) against peft's LoRA on Conv2d."""
+  from vadapt.pretrained import resnet as resnet_ckpt  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = transformers.ResNetConfig(**RESNETS[kind])
+  hf = transformers.ResNetModel(config).eval()
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():  # Non-trivial BatchNorms (fresh ones are the identity).
+    for m in hf.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
+        m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+        m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+  hf.save_pretrained(tmp_path)
+  backbone = resnet_ckpt.model_from_checkpoint(tmp_path)
+  variables = resnet_ckpt.load(tmp_path, backbone, image_size=35)
+  images = np.random.default_rng(3).standard_normal((2, 35, 35, 3)).astype(np.float32)
+  block = 'BottleneckResNetBlock' if kind == 'bottleneck' else 'ResNetBlock'
+  bare, ref, tensors = _peft_forward(
+      hf, method, PEFT_RESNET_TARGETS,
+      dict(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2)),
+      _resnet_path(config.depths, block))
+  ref = ref.pooler_output.numpy()[:, :, 0, 0]
+
+  model = api.adapt(backbone, method, rank=RANK, alpha=ALPHA)  # The default placement.
+  adapted = dict(variables, params=_with_adapters(model, variables['params'], tensors, images))
+  ours = jax.jit(model.apply)(adapted, images)
+  err, effect = _rel_err(ours, ref), _rel_err(bare.pooler_output.numpy()[:, :, 0, 0], ref)
+  print(f'\n{method} vs peft on a {kind} ResNet (every block conv, r={RANK}): max relative error '
+        f'{err:.2e}; the adapters move the output by {effect:.2e}')
   assert err <= TOLERANCE
   assert effect > 100 * TOLERANCE

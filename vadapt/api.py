@@ -33,6 +33,9 @@ from vadapt.pretrained.common import check_matches, flatten, unflatten
 WEIGHT_METHODS = ('lora', 'dora', 'ssf', 'ia3')
 PROMPT_METHODS = ('vpt_shallow', 'vpt_deep')
 CNN_METHODS = ('conv', 'conv_parallel')
+# What has a default placement on vadapt's CNNs: conv adapters at the residual blocks, LoRA/DoRA
+# on the convolutions inside them (placements.cnn_lora), BitFit on the BatchNorm shifts and head.
+ON_CNN = CNN_METHODS + ('lora', 'dora', 'bitfit')
 # BitFit adds no modules: it is a labelling (partition.bitfit_rules).
 METHODS = (('houlsby', 'pfeiffer', 'parallel', 'parallel_attn') + CNN_METHODS + WEIGHT_METHODS
            + PROMPT_METHODS + ('bitfit',))
@@ -53,8 +56,8 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
 
   Args:
     backbone: a Flax model; ViT/CLIP blocks for the transformer methods, vadapt.models.resnet or
-      vadapt.models.efficientnet for 'conv' / 'conv_parallel', or any compact model with
-      explicit `targets`.
+      vadapt.models.efficientnet for 'conv' / 'conv_parallel' and for 'lora', 'dora' (on the
+      convolutions of the blocks) and 'bitfit', or any compact model with explicit `targets`.
     method: 'houlsby', 'pfeiffer', 'parallel' (AdaptFormer), 'parallel_attn'; for CNNs 'conv'
       (after each residual block) or 'conv_parallel' (alongside it); a weight-space method
       ('lora', 'dora', 'ssf', 'ia3'; vadapt.merge folds them into the backbone), visual prompts:
@@ -81,7 +84,8 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
     modules: the block layers a weight-space method adapts, names from
       placements.BLOCK_LAYERS ('query', 'key', 'value', 'out', 'fc1', 'fc2', 'norm1',
       'norm2'). Defaults: LoRA/DoRA query and value; SSF all eight; (IA)³ key, value and fc2
-      (its input, the MLP hidden).
+      (its input, the MLP hidden). On a CNN, LoRA/DoRA take convolution names from
+      placements.CNN_CONVS, all of them by default.
     prompts: VPT's prompt count per set (the VPT methods only).
 
   Returns:
@@ -204,6 +208,13 @@ def _adapt_weights(make, backbone, method, *, rank, alpha, dropout, modules, lay
       raise TypeError(f'targets must all be Targets or all be regex strings; found {bad[:3]}.')
     return make(backbone=backbone, targets=tuple(
         Target(pattern=p, adapter=config, position=position, name=method) for p in targets))
+  if _family(backbone) == 'cnn':  # _check_family let only LoRA/DoRA through.
+    if scope is not None:
+      raise ValueError(f'scope={scope!r} selects a transformer encoder; {type(backbone).__name__} '
+                       'is a CNN: select its residual blocks with layers=.')
+    convs = placements.CNN_CONVS if modules is None else tuple(modules)
+    return make(backbone=backbone, targets=placements.cnn_lora(config, modules=convs,
+                                                               layers=layers, name=method))
   if layers is not None and getattr(backbone, 'scan', False):
     raise ValueError(f'layers={layers!r} selects blocks, but this backbone runs its blocks under '
                      'nn.scan (scan=True): build it with scan=False to adapt a subset of blocks.')
@@ -274,9 +285,16 @@ def _check_family(backbone: nn.Module, method: str, targets) -> None:
   if targets is not None or family is None:
     return
   name = type(backbone).__name__
-  if family == 'cnn' and method not in CNN_METHODS + WEIGHT_METHODS + ('bitfit',):
+  on_cnn = (f'use {" or ".join(map(repr, CNN_METHODS))} (adapters at its residual blocks), '
+            "'lora' or 'dora' (on its convolutions) or 'bitfit' (BatchNorm shifts and head)")
+  if family == 'cnn' and method in WEIGHT_METHODS and method not in ON_CNN:
+    raise ValueError(f'Method {method!r} scales the LayerNorms and projections of transformer '
+                     f'blocks (ViT, CLIP) and has no placement on a CNN, whose frozen BatchNorms '
+                     f'already scale and shift every convolution; {name} is a CNN: {on_cnn}, or '
+                     f'place {method!r} yourself with targets= (module-path regexes).')
+  if family == 'cnn' and method not in ON_CNN:
     raise ValueError(f'Method {method!r} places adapters in transformer blocks (ViT, CLIP); '
-                     f'{name} is a CNN: use {" or ".join(map(repr, CNN_METHODS))}.')
+                     f'{name} is a CNN: {on_cnn}.')
   if family == 'transformer' and method in CNN_METHODS:
     transformer = [m for m in METHODS if m not in CNN_METHODS]
     raise ValueError(f'Method {method!r} places conv adapters in CNN blocks (ResNet, '

@@ -65,12 +65,17 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
         f"adapter.method={method!r} puts adapters on convolutional (ResNet, EfficientNet-Lite) "
         f"blocks, and backbone.model={config.backbone.model!r} is a transformer: use one of "
         f"{', '.join(m for m in ADAPTER_METHODS if m not in conv_methods)}.")
-  if (method in ADAPTER_METHODS and method not in conv_methods
+  if (method in ADAPTER_METHODS and method not in api.ON_CNN
       and config.backbone.model in backbones.CNN_MODELS):
     raise ValueError(
         f'adapter.method={method!r} puts adapters in transformer blocks, and '
-        f'backbone.model={config.backbone.model!r} is a CNN: use one of conv, conv_parallel, '
-        'linear, full.')
+        f'backbone.model={config.backbone.model!r} is a CNN: use one of '
+        f'{", ".join(api.ON_CNN + ("linear", "full"))}.')
+  if (config.adapter.get('scope') and method in api.ON_CNN
+      and config.backbone.model in backbones.CNN_MODELS):
+    raise ValueError(f'adapter.scope={config.adapter.scope!r} selects a transformer encoder; '
+                     f'backbone.model={config.backbone.model!r} is a CNN: select its residual '
+                     'blocks with adapter.layers.')
   if method in ADAPTER_METHODS:
     for name in _METHOD_FIELDS.get(method, _ADAPTER_FIELDS):
       value = config.adapter.get(name)

@@ -1,7 +1,8 @@
 """Named adapter placements for transformer and CNN backbones, built from a few composable parts.
 
-CNN placements ('conv', 'conv_parallel', at the end) put a conv adapter at every selected
-residual block of vadapt.models.resnet or vadapt.models.efficientnet.
+CNN placements (at the end) put a conv adapter at every selected residual block of
+vadapt.models.resnet or vadapt.models.efficientnet ('conv', 'conv_parallel'), or LoRA / DoRA on
+the convolutions inside those blocks ('cnn_lora').
 
 Each function returns a tuple of vadapt.inject.Target. Paths follow vadapt.models.vit (also used
 by the CLIP towers): blocks are ``<scope>/encoderblock_{i}`` (or ``<scope>/encoderblock`` under
@@ -229,6 +230,36 @@ def conv_parallel(adapter, *, layers: Layers = None) -> tuple[Target, ...]:
 
 
 CNN_PLACEMENTS = {'conv': conv, 'conv_parallel': conv_parallel}
+
+# The convolutions inside a CNN block with a dense kernel: ResNet's Conv_{j} and projection
+# shortcut, EfficientNet-Lite's 1x1 expand and project convs. Blocks have the ones their kind
+# uses (a basic ResNet block has no Conv_2, only downsampling blocks have conv_proj).
+CNN_CONVS = ('Conv_0', 'Conv_1', 'Conv_2', 'conv_proj', 'expand_conv', 'project_conv')
+# EfficientNet-Lite's depthwise conv has one filter per channel (feature_group_count = channels):
+# no (in x out) matrix for a low-rank update to approximate, so LoRA/DoRA leave it out.
+_GROUPED_CONVS = ('depthwise_conv',)
+
+
+def cnn_lora(adapter, *, modules=CNN_CONVS, layers: Layers = None,
+             name: str = 'lora') -> tuple[Target, ...]:
+  """LoRA (or DoRA) parallel to the convolutions of the selected ResNet / EfficientNet-Lite
+  blocks, every dense one by default; peft's LoRA on Conv2d: A is a conv with the layer's kernel
+  size, stride and padding and r output channels, B a 1x1 conv from r to the layer's outputs."""
+  if isinstance(modules, str) or not modules:
+    raise TypeError(f'modules must be a non-empty sequence of convolution names from '
+                    f'{list(CNN_CONVS)}; found {modules!r}.')
+  grouped = [m for m in modules if m in _GROUPED_CONVS]
+  if grouped:
+    raise ValueError(f'modules {grouped}: a depthwise (grouped) convolution has no dense kernel '
+                     f'for a low-rank update; LoRA on a CNN adapts {list(CNN_CONVS)}.')
+  unknown = [m for m in modules if m not in CNN_CONVS]
+  if unknown:
+    raise ValueError(f'Unknown CNN block convolutions {unknown}; known: {list(CNN_CONVS)} '
+                     '(ResNet: Conv_0-2, conv_proj; EfficientNet-Lite: expand_conv, '
+                     'project_conv).')
+  convs = '|'.join(dict.fromkeys(modules))
+  return (Target(pattern=f'{cnn_block_pattern(layers)}/(?:{convs})', adapter=adapter,
+                 position='parallel', name=name),)
 
 
 PLACEMENTS = {

@@ -123,8 +123,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.layer_norm = config_dict.placeholder(bool)
   c.adapter.dropout = 0.0
   c.adapter.prompts = 50  # VPT: prompt tokens per set.
-  # AdapterDrop: each layer's adapters are left out of a training step with this probability.
+  # AdapterDrop: each layer's adapters are left out of a training step with this probability;
+  # drop_schedule='linear' raises it from 0 at the first step to drop_rate at drop_ramp_steps
+  # (0: at total_steps), 'constant' uses drop_rate throughout.
   c.adapter.drop_rate = 0.0
+  c.adapter.drop_schedule = 'constant'
+  c.adapter.drop_ramp_steps = 0
   # LoRA/DoRA rank and alpha (scale alpha / rank; None: alpha = rank), and the block layers the
   # weight-space methods adapt (None: the method's default, e.g. ('query', 'value') for LoRA).
   c.adapter.rank = 8

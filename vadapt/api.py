@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vadapt import inject
 from vadapt import placements
 from vadapt.adapters.bottleneck import BottleneckConfig
 from vadapt.adapters.conv import ConvAdapterConfig
@@ -51,7 +52,8 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
           targets: Optional[Iterable[Union[Target, str]]] = None,
           scope: Optional[str] = None, drop_rate: float = 0.0, rank: Optional[int] = None,
           alpha: Optional[float] = None,
-          modules: Optional[Iterable[str]] = None, prompts: Optional[int] = None) -> Adapted:
+          modules: Optional[Iterable[str]] = None, prompts: Optional[int] = None,
+          drop_schedule: str = 'constant', drop_ramp_steps: int = 0) -> Adapted:
   """Wraps `backbone` with adapters placed by `method`.
 
   Args:
@@ -78,7 +80,10 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
       module named 'Transformer' (both CLIP towers); e.g. 'vision/Transformer' for CLIP's image
       tower only.
     drop_rate: AdapterDrop during training: each layer's adapters are left out of a training
-      call with this probability (see vadapt.inject).
+      call with this probability (see vadapt.inject); with a schedule, the rate it reaches.
+    drop_schedule: 'constant', or 'linear': the rate rises from 0 at step 0 to drop_rate at
+      step drop_ramp_steps (training calls then pass adapter_step=; vadapt.train does).
+    drop_ramp_steps: the linear ramp's length in steps.
     rank: LoRA/DoRA rank r (default 8).
     alpha: LoRA/DoRA scale numerator: the update is alpha / rank * B A (default alpha = rank).
     modules: the block layers a weight-space method adapts, names from
@@ -93,8 +98,10 @@ def adapt(backbone: nn.Module, method: str = 'houlsby', *, bottleneck: Optional[
   """
   if method not in METHODS:
     raise ValueError(f'Unknown adaptation method {method!r}; known methods: {", ".join(METHODS)}.')
-  # Every model built below carries the AdapterDrop rate.
-  Adapted = functools.partial(_Adapted, drop_rate=drop_rate)  # pylint: disable=invalid-name
+  inject.check_drop(drop_rate, drop_schedule, drop_ramp_steps)
+  # Every model built below carries the AdapterDrop rate and schedule.
+  Adapted = functools.partial(  # pylint: disable=invalid-name
+      _Adapted, drop_rate=drop_rate, drop_schedule=drop_schedule, drop_ramp_steps=drop_ramp_steps)
   targets = None if targets is None else tuple(targets)
   if targets is not None and all(isinstance(t, Target) for t in targets):
     given = {k: v for k, v in dict(bottleneck=bottleneck, reduction_factor=reduction_factor,

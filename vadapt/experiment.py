@@ -38,16 +38,18 @@ METHODS = ADAPTER_METHODS + ('full', 'linear', 'clip_adapter')
 LOSSES = ('ce', 'contrastive')
 # Backbones without convolutional blocks: no place for method='conv'.
 TRANSFORMER_MODELS = ('vit', 'clip', 'dinov2')
+# AdapterDrop: rate, schedule and ramp (0: over the whole run, total_steps).
+_DROP_FIELDS = ('drop_rate', 'drop_schedule', 'drop_ramp_steps')
 _ADAPTER_FIELDS = ('bottleneck', 'reduction_factor', 'layers', 'activation', 'scale',
-                   'learnable_scale', 'layer_norm', 'dropout', 'drop_rate')
+                   'learnable_scale', 'layer_norm', 'dropout') + _DROP_FIELDS
 # Methods whose options differ from the bottleneck adapters' (config.adapter.<field>).
 _METHOD_FIELDS = {
     'vpt_shallow': ('prompts', 'layers', 'dropout', 'drop_rate'),
     'vpt_deep': ('prompts', 'layers', 'dropout', 'drop_rate'),
-    'lora': ('rank', 'alpha', 'modules', 'layers', 'dropout', 'drop_rate'),
-    'dora': ('rank', 'alpha', 'modules', 'layers', 'dropout', 'drop_rate'),
-    'ssf': ('modules', 'layers', 'drop_rate'),
-    'ia3': ('modules', 'layers', 'drop_rate'),
+    'lora': ('rank', 'alpha', 'modules', 'layers', 'dropout') + _DROP_FIELDS,
+    'dora': ('rank', 'alpha', 'modules', 'layers', 'dropout') + _DROP_FIELDS,
+    'ssf': ('modules', 'layers') + _DROP_FIELDS,
+    'ia3': ('modules', 'layers') + _DROP_FIELDS,
     'bitfit': (),
 }
 
@@ -80,6 +82,9 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for name in _METHOD_FIELDS.get(method, _ADAPTER_FIELDS):
       value = config.adapter.get(name)
       spec[name] = list(value) if isinstance(value, tuple) else value
+    if spec.get('drop_schedule') == 'constant' and not spec.get('drop_ramp_steps'):
+      # The default: checkpoints written before schedules existed have the same spec.
+      del spec['drop_schedule'], spec['drop_ramp_steps']
     if spec.get('reduction_factor') is not None:  # Documented to replace bottleneck.
       spec['bottleneck'] = None
     if config.adapter.get('scope') and method != 'bitfit':
@@ -132,6 +137,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
   if spec['method'] not in ADAPTER_METHODS:
     return backbone, backbone
   kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != 'method'}
+  if kwargs.get('drop_schedule', 'constant') != 'constant' and not kwargs.get('drop_ramp_steps'):
+    kwargs['drop_ramp_steps'] = config.total_steps  # Ramp over the whole run.
   return api.adapt(backbone, method=spec['method'], **kwargs), backbone
 
 

@@ -28,6 +28,10 @@ the 'dropout' rng stream of that layer, so it is a function of the key the train
 (fold_in(seed, step): a resumed run drops the same layers), differs per layer under nn.scan, and
 a dropped adapter contributes exactly nothing: the module computes what the bare backbone does.
 'wrap' adapters change what the module computes (not a residual), so they cannot be dropped.
+The rate may follow a schedule over training (``drop_schedule='linear'``: from 0 at step 0 up to
+``drop_rate`` at step ``drop_ramp_steps``, then constant); the model then needs the step, passed
+as ``adapter_step=`` with the call (vadapt.train does). Rate and key are functions of the step
+alone, so a resumed run still drops the same layers.
 
 Why a wrapper module rather than a context manager around ``apply``: the interceptor must be
 entered inside the traced code, or a jitted function traced once without it silently keeps
@@ -60,6 +64,34 @@ POSITIONS = ('output', 'parallel', 'input', 'wrap')
 
 # The module name of a transformer block, the unit AdapterDrop drops ('encoderblock' under nn.scan).
 LAYER_NAME = re.compile(r'encoderblock(?:_\d+)?')
+# How the AdapterDrop rate evolves over training (see drop_rate_at).
+DROP_SCHEDULES = ('constant', 'linear')
+
+
+def check_drop(rate: float, schedule: str = 'constant', ramp_steps: int = 0) -> None:
+  """Validates an AdapterDrop rate and schedule; one-line errors naming what was found."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'drop_rate (AdapterDrop) must be in [0, 1); found {rate!r}.')
+  if schedule not in DROP_SCHEDULES:
+    raise ValueError(f'Unknown drop_schedule {schedule!r}; expected one of {DROP_SCHEDULES}.')
+  if schedule == 'linear':
+    if not rate:
+      raise ValueError("drop_schedule='linear' ramps the AdapterDrop rate from 0 up to "
+                       'drop_rate, which is 0: set drop_rate > 0.')
+    if isinstance(ramp_steps, bool) or int(ramp_steps) != ramp_steps or ramp_steps < 1:
+      raise ValueError(f"drop_schedule='linear' needs drop_ramp_steps, the step at which the rate "
+                       f'reaches drop_rate, as a positive integer; found {ramp_steps!r}.')
+  elif ramp_steps:
+    raise ValueError(f"drop_ramp_steps={ramp_steps!r} applies to drop_schedule='linear' only; "
+                     f'found drop_schedule={schedule!r}.')
+
+
+def drop_rate_at(rate: float, schedule: str, ramp_steps: int, step) -> jax.Array:
+  """The AdapterDrop rate at training step `step` (completed steps, 0 for the first one)."""
+  if schedule == 'constant':
+    return jnp.float32(rate)
+  progress = jnp.minimum(jnp.asarray(step, jnp.float32) / jnp.float32(ramp_steps), 1.0)
+  return jnp.float32(rate) * progress
 
 
 class AdapterConfig(Protocol):
@@ -144,12 +176,15 @@ class _Interceptor:
   """Holds one call's bookkeeping: which targets applied where, and every module path seen."""
 
   def __init__(self, targets: tuple[Target, ...], deterministic: bool, prefix: tuple[str, ...],
-               drop_rate: float = 0.0):
+               drop_rate: float = 0.0, rate_now: Any = None):
     self.targets = targets
     self.prefix = prefix  # The wrapper's own path: patterns are relative to the backbone.
     self.regexes = [re.compile(t.pattern) for t in targets]
     self.deterministic = deterministic
+    # drop_rate (a number) says whether layers are dropped at all; rate_now (possibly traced: a
+    # scheduled rate) is this call's probability.
     self.drop_rate = 0.0 if deterministic else drop_rate
+    self.rate_now = self.drop_rate if rate_now is None else rate_now
     # id(layer module) -> (module, keep): one AdapterDrop decision per layer and call. Keyed by
     # the bound instance (held, so its id stays unique), which is new in every (re)trace.
     self.keep: dict[int, tuple[nn.Module, jax.Array]] = {}
@@ -220,7 +255,7 @@ class _Interceptor:
       layer = module  # No enclosing block: each adapted module is its own layer.
     if id(layer) not in self.keep:
       self.keep[id(layer)] = (layer, jax.random.bernoulli(layer.make_rng('dropout'),
-                                                          1.0 - self.drop_rate))
+                                                          1.0 - self.rate_now))
     return self.keep[id(layer)][1]
 
   def _adapt(self, module, path, hits, next_fun, args, kwargs):
@@ -304,18 +339,23 @@ class Adapted(nn.Module):
     backbone: the unmodified Flax model (compact where adapters go).
     targets: where and how to add adapters (see Target and vadapt.placements).
     drop_rate: AdapterDrop: the probability that a layer's adapters are left out of a training
-      call (drawn per layer and call from the 'dropout' rng); 0 keeps every adapter.
+      call (drawn per layer and call from the 'dropout' rng); 0 keeps every adapter. With a
+      schedule, the rate it reaches.
+    drop_schedule: 'constant' (drop_rate at every step) or 'linear' (0 at step 0, rising to
+      drop_rate at step drop_ramp_steps, then constant; training calls pass adapter_step=).
+    drop_ramp_steps: the length of the linear ramp in steps.
   """
   backbone: nn.Module
   targets: tuple[Target, ...]
   drop_rate: float = 0.0
+  drop_schedule: str = 'constant'
+  drop_ramp_steps: int = 0
 
   def setup(self):
     if not isinstance(self.targets, tuple) or not all(isinstance(t, Target) for t in self.targets):
       raise TypeError(f'Adapted.targets must be a tuple of vadapt.inject.Target; found '
                       f'{self.targets!r}.')
-    if not 0.0 <= self.drop_rate < 1.0:
-      raise ValueError(f'drop_rate (AdapterDrop) must be in [0, 1); found {self.drop_rate!r}.')
+    check_drop(self.drop_rate, self.drop_schedule, self.drop_ramp_steps)
     # Backbone params stay at their own paths: the wrapper adds no prefix.
     nn.share_scope(self, self.backbone)
 
@@ -323,10 +363,24 @@ class Adapted(nn.Module):
     """Calls the backbone with adapters; `train` (or `deterministic`) also drives adapter dropout."""
     return self.call_method('__call__', *args, **kwargs)
 
-  def call_method(self, method: str, *args, **kwargs):
-    """Calls `backbone.<method>(*args, **kwargs)` with adapters (e.g. a CLIP model's encoder)."""
-    interceptor = _Interceptor(self.targets, deterministic=not _is_train(kwargs),
-                               prefix=tuple(str(p) for p in self.path), drop_rate=self.drop_rate)
+  def call_method(self, method: str, *args, adapter_step: Any = None, **kwargs):
+    """Calls `backbone.<method>(*args, **kwargs)` with adapters (e.g. a CLIP model's encoder).
+
+    `adapter_step` (the training step, an int or a traced scalar) sets a scheduled AdapterDrop
+    rate; it is not passed on to the backbone.
+    """
+    train = _is_train(kwargs)
+    rate_now = None
+    if train and self.drop_schedule != 'constant':
+      if adapter_step is None:
+        raise ValueError(f'drop_schedule={self.drop_schedule!r} sets the AdapterDrop rate from the '
+                         'training step: call the model with adapter_step=<step> (vadapt.train '
+                         'does), or use drop_schedule=\'constant\'.')
+      rate_now = drop_rate_at(self.drop_rate, self.drop_schedule, self.drop_ramp_steps,
+                              adapter_step)
+    interceptor = _Interceptor(self.targets, deterministic=not train,
+                               prefix=tuple(str(p) for p in self.path), drop_rate=self.drop_rate,
+                               rate_now=rate_now)
     with nn.intercept_methods(interceptor):
       out = getattr(self.backbone, method)(*args, **kwargs)
     # Every target must fire on a full forward pass; another method (a CLIP model's encode_text)

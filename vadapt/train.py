@@ -110,9 +110,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   computes (after the optimizer, which leaves them alone); otherwise they are frozen.
   """
   loss_kind = loss
+  # A scheduled AdapterDrop rate is a function of the step, like the dropout keys.
+  scheduled = getattr(model, 'drop_schedule', 'constant') != 'constant'
 
   def train_step(delta, opt_state, frozen, batch, step):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    extra = {'adapter_step': step} if scheduled else {}
 
     def loss_fn(delta):
       params = partition.merge(delta, frozen)
@@ -120,7 +123,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       if loss_kind == 'contrastive':
         from vadapt.models import clip_classifier  # pylint: disable=g-import-not-at-top
         pair_logits = apply_method(model, params, 'contrastive_logits', batch['image'],
-                                   batch['label'], train=True, rngs={'dropout': rng})
+                                   batch['label'], train=True, rngs={'dropout': rng}, **extra)
         # As class scores: the class of the prompt each image matches best.
         logits = jax.nn.one_hot(batch['label'], num_classes)[jnp.argmax(pair_logits, -1)]
         loss = clip_classifier.contrastive_loss(pair_logits)
@@ -128,10 +131,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         variables = partition.to_variables(params)
         if update_batch_stats:
           logits, state = model.apply(variables, batch['image'], train=True,
-                                      rngs={'dropout': rng}, mutable=['batch_stats'])
+                                      rngs={'dropout': rng}, mutable=['batch_stats'], **extra)
           new_stats = state['batch_stats']
         else:
-          logits = model.apply(variables, batch['image'], train=True, rngs={'dropout': rng})
+          logits = model.apply(variables, batch['image'], train=True, rngs={'dropout': rng},
+                               **extra)
         loss = jnp.mean(losses.cross_entropy(logits, batch['label'], num_classes, label_smoothing))
       if nan_at_step >= 0:  # Test hook: the (1-based) step nan_at_step diverges.
         loss = jnp.where(step + 1 == nan_at_step, jnp.nan, loss)

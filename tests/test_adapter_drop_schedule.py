@@ -101,5 +101,13 @@ def test_bad_schedules():
   with pytest.raises(ValueError, match=r"drop_ramp_steps=5 applies to drop_schedule='linear' "
                      "only; found drop_schedule='constant'"):
     api.adapt(model, 'lora', drop_rate=0.1, drop_ramp_steps=5)
+  # From the config, before anything is loaded.
+  config = load_config(**{'adapter.method': 'lora', 'adapter.drop_schedule': 'linear'})
+  with pytest.raises(ValueError, match="drop_schedule='linear' ramps the AdapterDrop rate"):
+    experiment.adapter_spec(config)
+  config = load_config(**{'adapter.method': 'vpt_deep', 'adapter.drop_schedule': 'linear'})
+  with pytest.raises(ValueError, match="adapter.drop_schedule='linear' schedules AdapterDrop, "
+                     "which adapter.method='vpt_deep' does not use"):
+    experiment.adapter_spec(config)
   with pytest.raises(ValueError, match=r'drop_rate \(AdapterDrop\) must be in \[0, 1\); found 1.5'):
     inject.Adapted(model, (), drop_rate=1.5).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

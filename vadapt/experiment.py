@@ -82,9 +82,18 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for name in _METHOD_FIELDS.get(method, _ADAPTER_FIELDS):
       value = config.adapter.get(name)
       spec[name] = list(value) if isinstance(value, tuple) else value
+    if 'drop_schedule' in spec:
+      ramp = spec['drop_ramp_steps']
+      if spec['drop_schedule'] != 'constant' and not ramp:
+        ramp = config.total_steps  # What build_model resolves 0 to.
+      inject.check_drop(spec['drop_rate'], spec['drop_schedule'], ramp)
     if spec.get('drop_schedule') == 'constant' and not spec.get('drop_ramp_steps'):
       # The default: checkpoints written before schedules existed have the same spec.
       del spec['drop_schedule'], spec['drop_ramp_steps']
+  schedule = config.adapter.get('drop_schedule', 'constant')
+  if schedule != 'constant' and 'drop_schedule' not in spec:
+    raise ValueError(f'adapter.drop_schedule={schedule!r} schedules AdapterDrop, which '
+                     f'adapter.method={method!r} does not use; leave it at \'constant\'.')
     if spec.get('reduction_factor') is not None:  # Documented to replace bottleneck.
       spec['bottleneck'] = None
     if config.adapter.get('scope') and method != 'bitfit':

@@ -6,7 +6,8 @@ values are copied into vadapt's adapters. The error reported is max|ours - peft|
 the whole output, in float32.
 
 peft's tensors map onto vadapt's params as follows (r = rank):
-  Linear  lora_A (r, in)          -> a = A.T reshaped to in_dims + (r,)   (q/k/v: (D, r); out: (H, D/H, r))
+  Linear  lora_A (r, in)          -> a = A.T reshaped to in_dims + (r,)
+                                     (q/k/v: (D, r); out: (H, D/H, r))
           lora_B (out, r)         -> b = B.T reshaped to (r,) + out_dims  (q/k/v: (r, H, D/H))
   Conv2d  lora_A (r, C, kh, kw)   -> a (kh, kw, C, r): A's conv has the base conv's kernel, stride
                                      and padding, exactly as vadapt runs A through the layer's op

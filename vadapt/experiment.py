@@ -90,14 +90,14 @@ def adapter_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if spec.get('drop_schedule') == 'constant' and not spec.get('drop_ramp_steps'):
       # The default: checkpoints written before schedules existed have the same spec.
       del spec['drop_schedule'], spec['drop_ramp_steps']
-  schedule = config.adapter.get('drop_schedule', 'constant')
-  if schedule != 'constant' and 'drop_schedule' not in spec:
-    raise ValueError(f'adapter.drop_schedule={schedule!r} schedules AdapterDrop, which '
-                     f'adapter.method={method!r} does not use; leave it at \'constant\'.')
     if spec.get('reduction_factor') is not None:  # Documented to replace bottleneck.
       spec['bottleneck'] = None
     if config.adapter.get('scope') and method != 'bitfit':
       spec['scope'] = config.adapter.scope
+  schedule = config.adapter.get('drop_schedule', 'constant')
+  if schedule != 'constant' and 'drop_schedule' not in spec:
+    raise ValueError(f'adapter.drop_schedule={schedule!r} schedules AdapterDrop, which '
+                     f'adapter.method={method!r} does not use; leave it at \'constant\'.')
   if method == 'clip_adapter':
     if config.backbone.model != 'clip':
       raise ValueError(f"adapter.method='clip_adapter' needs backbone.model='clip'; found "

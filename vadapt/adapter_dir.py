@@ -5,6 +5,11 @@
   <dir>/adapter.safetensors   the adapter's and its head's parameters, at name-free paths
                               ('Transformer/encoderblock_0/MlpBlock_0/*/down/kernel')
 
+An AdapterFusion is saved the same way: a head-only adapter whose config names the fused members
+('fusion': members, dropout, temperature) and whose weights add the fusion layers
+('.../MlpBlock_0/*fusion/query/kernel'); loading it needs its members loaded first, and
+`fuse_block` gives the composition block that calls it.
+
 the layout users know from peft (adapter_config.json + adapter_model.safetensors) and AdapterHub
 (one directory per adapter, its head stored with it). A set is a directory holding one such
 directory per adapter plus `adapters.json` with their order.
@@ -14,6 +19,10 @@ directory per adapter plus `adapters.json` with their order.
   model, params = adapter_dir.add(model, params, 'out/flowers')                  # one more
   adapter_dir.save_set('out/all', model, params)
   model, params = adapter_dir.load_set('out/all', backbone, backbone_params)
+  adapter_dir.save('out/both', model, params, 'both', fusion=Fuse('pets', 'flowers',
+                   name=adapter_dir.fusion_name('both')))
+  model, params = adapter_dir.add(model, params, 'out/both')
+  model.apply({'params': params}, images, adapter=adapter_dir.fuse_block('out/both'), head='both')
 
 Loading checks that the backbone is the one the adapter was trained on: the same parameter
 paths, shapes and dtypes (checkpoint.layout_fingerprint) and the same weights (a digest of a fixed
@@ -33,6 +42,7 @@ import jax
 import numpy as np
 
 from vadapt import checkpoint as ckpt_lib
+from vadapt import composition
 from vadapt import multi
 from vadapt.adapters.bottleneck import BottleneckConfig
 from vadapt.adapters.conv import ConvAdapterConfig
@@ -45,6 +55,7 @@ SET_INDEX = 'adapters.json'
 FORMAT = 'vadapt.adapter_dir'
 VERSION = 1
 _WILDCARD = '*'
+_FUSION_WILDCARD = '*fusion'
 _DIGEST_SAMPLE = 64  # Values per tensor that enter the weight digest.
 
 
@@ -112,6 +123,11 @@ def _write_atomic(path: str, write) -> None:
       os.remove(tmp)
 
 
+def fusion_name(name: str) -> str:
+  """The fusion layers' module name of the AdapterFusion adapter `name` (a head-only adapter)."""
+  return f'fusion_{name}'
+
+
 def _config(model: multi.MultiAdapted, params: Mapping, name: str) -> dict[str, Any]:
   spec = model.adapter(name)
   backbone = multi.backbone_params(model, params)
@@ -125,14 +141,47 @@ def _config(model: multi.MultiAdapted, params: Mapping, name: str) -> dict[str, 
   }
 
 
+def _fusion_params(params: Mapping, fusion: composition.Fuse) -> dict[str, Any]:
+  return {k: v for k, v in pretrained_common.flatten(params).items()
+          if fusion.name in k.split('/')[:-1]}
+
+
 def save(directory: str, model: multi.MultiAdapted, params: Mapping, name: str, *,
+         fusion: Optional[composition.Fuse] = None, meta: Optional[Mapping[str, Any]] = None,
          overwrite: bool = False) -> str:
-  """Writes adapter `name` (and its head) to `directory`; returns the directory."""
+  """Writes adapter `name` (and its head) to `directory`; returns the directory.
+
+  Args:
+    directory: where adapter_config.json and adapter.safetensors go.
+    model: the model holding the adapter.
+    params: its parameters.
+    name: the adapter to save.
+    fusion: for an AdapterFusion adapter (head-only, served with adapter=fusion), the block:
+      its fusion layers are saved with the head, and its members named in the config.
+    meta: JSON-ready extra information stored as the config's 'meta' (e.g. the experiment config
+      and preprocessing, for serving).
+    overwrite: replace what `directory` already holds.
+  """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   _check_writable(directory, overwrite)
   config = _config(model, params, name)
-  flat = {_rename(k, name, _WILDCARD): np.ascontiguousarray(np.asarray(jax.device_get(v)))
-          for k, v in multi.adapter_params(model, params, name).items()}
+  leaves = {_rename(k, name, _WILDCARD): v
+            for k, v in multi.adapter_params(model, params, name).items()}
+  if fusion is not None:
+    missing = [m for m in fusion.members if m not in model.names()]
+    if missing or name in fusion.members:
+      raise ValueError(f'Fusion adapter {name!r}: its members {list(fusion.members)} must be '
+                       f'other adapters of the model ({list(model.names())}).')
+    layers = _fusion_params(params, fusion)
+    if not layers:
+      raise ValueError(f'params hold no fusion layers named {fusion.name!r}: initialise them '
+                       '(multi.init_missing with adapter=Fuse(...)) or train them first.')
+    leaves.update({_rename(k, fusion.name, _FUSION_WILDCARD): v for k, v in layers.items()})
+    config['fusion'] = {'members': list(fusion.members), 'dropout': fusion.dropout,
+                        'temperature': fusion.temperature}
+  if meta is not None:
+    config['meta'] = json.loads(json.dumps(dict(meta)))
+  flat = {k: np.ascontiguousarray(np.asarray(jax.device_get(v))) for k, v in leaves.items()}
   os.makedirs(directory, exist_ok=True)
   _write_atomic(os.path.join(directory, WEIGHTS), lambda p: save_file(flat, p))
   _write_atomic(os.path.join(directory, CONFIG),
@@ -140,17 +189,41 @@ def save(directory: str, model: multi.MultiAdapted, params: Mapping, name: str, 
   return directory
 
 
+def read_config(directory: str) -> dict[str, Any]:
+  """The adapter_config.json of a saved adapter (checked to be one)."""
+  pretrained_common.require_file(os.path.join(directory, CONFIG), 'adapter config')
+  with open(os.path.join(directory, CONFIG)) as f:
+    try:
+      config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{os.path.join(directory, CONFIG)!r} is not valid JSON ({e}).') from None
+  if not isinstance(config, dict) or config.get('format') != FORMAT:
+    raise ValueError(f'{directory!r} is not a vadapt adapter directory ({CONFIG} has format '
+                     f'{config.get("format") if isinstance(config, dict) else None!r}, expected '
+                     f'{FORMAT!r}).')
+  return config
+
+
 def read(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(config, {name-free path: array}) of a saved adapter."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  pretrained_common.require_file(os.path.join(directory, CONFIG), 'adapter config')
-  with open(os.path.join(directory, CONFIG)) as f:
-    config = json.load(f)
-  if config.get('format') != FORMAT:
-    raise ValueError(f'{directory!r} is not a vadapt adapter directory ({CONFIG} has format '
-                     f'{config.get("format")!r}, expected {FORMAT!r}).')
+  config = read_config(directory)
   pretrained_common.require_file(os.path.join(directory, WEIGHTS), 'adapter weights')
   return config, load_file(os.path.join(directory, WEIGHTS))
+
+
+def fuse_block(directory_or_config: Any, name: Optional[str] = None
+               ) -> Optional[composition.Fuse]:
+  """The Fuse block that serves a saved AdapterFusion adapter (loaded as `name`, default its
+  saved name), or None for an ordinary adapter."""
+  config = directory_or_config
+  if isinstance(config, (str, os.PathLike)):
+    config = read_config(os.fspath(config))
+  fusion = config.get('fusion')
+  if not fusion:
+    return None
+  return composition.Fuse(*fusion['members'], name=fusion_name(name or config['name']),
+                          dropout=fusion['dropout'], temperature=fusion['temperature'])
 
 
 def named_adapter(config: Mapping[str, Any], name: Optional[str] = None) -> multi.NamedAdapter:
@@ -160,6 +233,12 @@ def named_adapter(config: Mapping[str, Any], name: Optional[str] = None) -> mult
       targets=tuple(Target(pattern=t['pattern'], adapter=adapter_config_from_dict(t['adapter']),
                            position=t['position'], name=t['name']) for t in config['targets']),
       num_classes=config.get('num_classes'), class_names=tuple(config.get('class_names') or ()))
+
+
+def check_layout(directory: str, config: Mapping[str, Any], backbone_params: Mapping) -> None:
+  """Raises BackboneMismatchError unless the adapter was trained on a backbone of this layout
+  (parameter paths, shapes, dtypes; `backbone_params` may be abstract)."""
+  _check_backbone(directory, config, backbone_params, check_weights=False)
 
 
 def _check_backbone(directory: str, config, backbone_params, check_weights: bool) -> None:
@@ -190,9 +269,18 @@ def add(model: multi.MultiAdapted, params: Mapping, directory: str, *, name: Opt
   if missing:
     raise ValueError(f'Adapter {spec.name!r} in {directory!r} adapts modules the backbone does not '
                      f'have: {missing[:3]}.')
+  fusion = fuse_block(config, spec.name)
+  if fusion is not None:
+    missing = [m for m in fusion.members if m not in model.names()]
+    if missing:
+      raise ValueError(f'Adapter {spec.name!r} in {directory!r} is an AdapterFusion of '
+                       f'{list(fusion.members)}; the model holds {list(model.names())}: add '
+                       f'{missing} first.')
   bigger = model.with_adapter(spec)
   merged = pretrained_common.flatten(params)
-  merged.update({_rename(k, _WILDCARD, spec.name): jax.numpy.asarray(v) for k, v in flat.items()})
+  rename = lambda k: _rename(_rename(k, _FUSION_WILDCARD, fusion.name) if fusion else k,
+                             _WILDCARD, spec.name)
+  merged.update({rename(k): jax.numpy.asarray(v) for k, v in flat.items()})
   return bigger, pretrained_common.unflatten(merged)
 
 
@@ -204,8 +292,11 @@ def load(directory: str, backbone, backbone_params: Mapping, *, name: Optional[s
 
 
 def save_set(directory: str, model: multi.MultiAdapted, params: Mapping,
-             names: Optional[Sequence[str]] = None, *, overwrite: bool = False) -> str:
-  """Writes several adapters (default: all with targets or heads) under `directory`."""
+             names: Optional[Sequence[str]] = None, *,
+             fusions: Optional[Mapping[str, composition.Fuse]] = None,
+             overwrite: bool = False) -> str:
+  """Writes several adapters (default: all with targets or heads) under `directory`
+  (`fusions`: the Fuse block of each AdapterFusion adapter among them)."""
   names = list(model.names() if names is None else names)
   for n in names:
     model.index(n)
@@ -213,7 +304,8 @@ def save_set(directory: str, model: multi.MultiAdapted, params: Mapping,
   for d in targets:  # Nothing is written unless everything may be.
     _check_writable(d, overwrite)
   for n in names:
-    save(os.path.join(directory, n), model, params, n, overwrite=overwrite)
+    save(os.path.join(directory, n), model, params, n, fusion=(fusions or {}).get(n),
+         overwrite=overwrite)
   _write_atomic(os.path.join(directory, SET_INDEX),
                 lambda p: open(p, 'w').write(json.dumps({'adapters': names}, indent=2) + '\n'))
   return directory

@@ -12,6 +12,10 @@ r"""Command line: parses flags and dispatches to the mode's module; nothing else
       --config.retrieval.path=captioned_images
   python -m vadapt.main --config=configs/dinov2_fashion_mnist.py --workdir=w --mode=compare
   python -m vadapt.main --config=configs/transfer_study.py --workdir=w --mode=study
+  python -m vadapt.main --config=configs/multi_task.py --workdir=w --config.task=pets   # one task
+  python -m vadapt.main --config=configs/multi_task.py --workdir=w --mode=eval_tasks   # every task
+  python -m vadapt.main --config=configs/multi_task.py --workdir=w --mode=predict --adapter=pets \
+      --images=photo.jpg           # or --adapter=w/adapters/pets (an adapter directory)
   python -m vadapt.main --help [--config=configs/vit_b16_adapter.py]   # modes, methods, options
 
 A user error (a bad option, a missing file) prints one line and exits with status 2; -v (or
@@ -52,6 +56,8 @@ MODES = {
                'each, and print them side by side (make demo)',
     'study': 'the transfer study of config.study: every method, learning rates chosen on '
              'validation, seeds, a data-size sweep; tables and plots (vadapt.study)',
+    'eval_tasks': 'a multi-task config (config.adapters): every trained task\'s adapter on its '
+                  'own eval split, one table',
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -63,7 +69,8 @@ _OUT = flags.DEFINE_string('out', None, 'export: the .safetensors file to write 
                            '(default WORKDIR/adapter.safetensors).')
 _IMAGES = flags.DEFINE_list('images', [], 'predict: image files and/or folders of images.')
 _ADAPTER = flags.DEFINE_string('adapter', None, 'predict: the exported adapter '
-                               '(default WORKDIR/adapter.safetensors).')
+                               '(default WORKDIR/adapter.safetensors), an adapter directory, or '
+                               'with a multi-task config a task name (default config.task).')
 _BACKBONE = flags.DEFINE_string('backbone', None, 'predict: the backbone checkpoint the adapter '
                                 'was trained on (default: the path stored in the adapter file).')
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'predict: how many classes to print per image.')
@@ -89,7 +96,10 @@ def main(argv):
   workdir = _WORKDIR.value
   if workdir is None and not (mode == 'predict' and _ADAPTER.value):
     raise app.UsageError(f'--workdir is required for --mode={mode}.')
-  if mode == 'train':
+  adapter_is_dir = mode == 'predict' and _ADAPTER.value and os.path.isdir(_ADAPTER.value)
+  if (config is not None and 'adapters' in config) or adapter_is_dir or mode == 'eval_tasks':
+    _multi_task(config, workdir, mode)
+  elif mode == 'train':
     from vadapt import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
   elif mode == 'eval':
@@ -119,6 +129,27 @@ def main(argv):
   elif mode == 'study':
     from vadapt import study  # pylint: disable=g-import-not-at-top
     study.run_study(config, workdir)
+
+
+def _multi_task(config, workdir, mode):
+  """The modes of a multi-task config (config.adapters) and of adapter directories."""
+  from vadapt import multi_task  # pylint: disable=g-import-not-at-top
+  if mode not in multi_task.MODES:
+    raise app.UsageError(f'--mode={mode} does not take a multi-task config (config.adapters); '
+                         f'its modes: {", ".join(multi_task.MODES)}.')
+  if mode == 'train':
+    multi_task.train(config, workdir)
+  elif mode == 'eval':
+    multi_task.evaluate_tasks(config, workdir, [config.task])
+  elif mode == 'eval_tasks':
+    multi_task.evaluate_tasks(config, workdir)
+  elif mode == 'export':
+    multi_task.export(config, workdir, _OUT.value)
+  elif mode == 'predict':
+    if not _IMAGES.value:
+      raise app.UsageError('--mode=predict needs --images=FILE_OR_FOLDER[,...].')
+    multi_task.predict_cli(config, workdir, _IMAGES.value, adapter=_ADAPTER.value,
+                           backbone=_BACKBONE.value, top_k=_TOP_K.value)
 
 
 # ------------------------------------------------------------------------------ argv handling

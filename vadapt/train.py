@@ -247,7 +247,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     f'adapting it to a new task: classes {tuple(config.input.get("classes") or ())}'
                     f' with method {config.adapter.method!r} ===')
 
-  exp = experiment.setup(config)
+  return train_experiment(experiment.setup(config), workdir, export=export)
+
+
+def train_experiment(exp: Experiment, workdir: str, *, export: bool = True) -> TrainResult:
+  """The training loop of train_and_evaluate on an experiment already set up (vadapt.experiment,
+  or vadapt.multi_task for one task of a multi-adapter model)."""
+  workdir = os.path.abspath(workdir)
   c = exp.config
   experiment.check_batch_size(c, exp.info)
   trainable = sum(v for k, v in exp.counts.items() if k != 'frozen')

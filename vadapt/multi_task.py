@@ -1,0 +1,697 @@
+"""Many tasks on one frozen backbone from a config: train one at a time, evaluate all, predict.
+
+A multi-task config (configs/multi_task.py) names its tasks in `config.adapters`:
+
+  config.adapters.<name>   one task: `method` and the adapter options of config.adapter
+                           (bottleneck, layers, rank, ...), `input` (its data: the fields of
+                           config.input), `dir` (a trained adapter directory to load as this task
+                           instead of training it here) and, for method='fusion', `members` (the
+                           task adapters an AdapterFusion attends over)
+  config.task              the task --mode=train trains and --mode=eval evaluates
+
+The backbone, optimizer, steps and batch sizes are shared. In the workdir:
+
+  adapters/<name>/         each task trained here as an adapter directory (vadapt.adapter_dir:
+                           adapter_config.json + adapter.safetensors, head and class names, plus
+                           the config and preprocessing under 'meta' for serving)
+  adapters/adapters.json   the set's index: adapter_dir.load_set(WORKDIR/adapters, ...) loads all
+  tasks/<name>/            the task's checkpoints and metrics (a killed run resumes)
+  eval_tasks.json          the table of the last --mode=eval_tasks
+
+Training a task loads every task trained so far (WORKDIR/adapters/<name>, or its `dir`) onto the
+backbone, frozen: only the task's own adapter and head train (vadapt.multi.rules), so the others
+stay bit-identical. A fusion task trains its fusion layers and head over its frozen members,
+which are trained first. Evaluating all tasks runs the ordinary adapters through one compiled
+program: the adapter is chosen by index, as data (vadapt.multi).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vadapt import adapter_dir
+from vadapt import backbones
+from vadapt import checkpoint as ckpt_lib
+from vadapt import composition
+from vadapt import experiment
+from vadapt import files
+from vadapt import metrics as metrics_lib
+from vadapt import multi
+from vadapt import partition
+from vadapt import predict as predict_lib
+from vadapt import sharding as sharding_lib
+from vadapt import train as train_lib
+from vadapt.pretrained import common as pretrained_common
+
+FUSION = 'fusion'
+# Adapters that add to a module's input or output, so a call can select them; prompts rewrite the
+# call and BitFit adds no modules.
+METHODS = tuple(m for m in experiment.ADAPTER_METHODS
+                if m not in ('vpt_shallow', 'vpt_deep', 'bitfit')) + (FUSION,)
+# A task's fields that are not adapter options.
+TASK_FIELDS = ('input', 'dir', 'members')
+ADAPTERS = 'adapters'
+TASKS = 'tasks'
+EVAL_TABLE = 'eval_tasks.json'
+# Modes that understand a multi-task config.
+MODES = ('train', 'eval', 'eval_tasks', 'export', 'predict')
+_FEATURE_MODELS = ('vit', 'dinov2') + backbones.CNN_MODELS
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One entry of config.adapters, resolved.
+
+  Attributes:
+    name: the task's (and its adapter's) name.
+    config: the experiment config of this task alone (`task_config`).
+    method: its adapter method, or 'fusion'.
+    members: for a fusion task, the adapters it fuses.
+    source: the adapter directory it loads from when trained (its `dir`, or the workdir's), else
+      None.
+  """
+  name: str
+  config: ml_collections.ConfigDict
+  method: str
+  members: tuple[str, ...]
+  source: Optional[str]
+
+  @property
+  def is_fusion(self) -> bool:
+    return self.method == FUSION
+
+
+def task_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The experiment config of task `name` alone: config.adapter and config.input are the task's,
+  config.task is `name`, and config.adapters is gone (other tasks do not change this one's)."""
+  entry = config.adapters[name]
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    del c['adapters']
+    c.adapter = ml_collections.ConfigDict(
+        {k: entry[k] for k in entry.keys() if k not in TASK_FIELDS})
+    c.input = copy.deepcopy(entry.input)
+    c.task = name
+  return c
+
+
+def adapters_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), ADAPTERS)
+
+
+def task_dir(workdir: str, name: str) -> str:
+  return os.path.join(os.path.abspath(workdir), TASKS, name)
+
+
+def plan(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str, Task]:
+  """Every task of config.adapters, checked (methods, fusion members, adapter options, the
+  directories named by `dir`), ordinary tasks first; nothing heavy is loaded."""
+  adapters = config.get('adapters')
+  if not adapters or not list(adapters.keys()):
+    raise ValueError('A multi-task mode needs config.adapters (name -> task), e.g. '
+                     'configs/multi_task.py.')
+  if config.backbone.model not in _FEATURE_MODELS:
+    raise ValueError(f'config.adapters gives every task a head on the backbone\'s features; '
+                     f'backbone.model={config.backbone.model!r} has none to offer: use one of '
+                     f'{", ".join(_FEATURE_MODELS)}.')
+  names = list(adapters.keys())
+  tasks = {}
+  for name in names:
+    multi.check_name(name, 'Task')
+    if name == multi.HEADS:
+      raise ValueError(f'Task name {name!r} is reserved (the heads live under it).')
+    entry = adapters[name]
+    method = entry.method
+    if method not in METHODS:
+      raise ValueError(f'adapters.{name}.method={method!r}: a named adapter is one of '
+                       f'{", ".join(METHODS)} (prompts rewrite the call and BitFit adds no '
+                       'modules, so neither can be selected per call).')
+    members = tuple(entry.get('members') or ())
+    if method == FUSION:
+      unknown = [m for m in members if m not in names or m == name]
+      if len(members) < 2 or unknown:
+        raise ValueError(f'adapters.{name}.members={members}: a fusion task fuses two or more '
+                         f'other tasks of config.adapters ({", ".join(names)}).')
+      nested = [m for m in members if adapters[m].method == FUSION]
+      if nested:
+        raise ValueError(f'adapters.{name}.members: {nested} are fusion tasks themselves; fuse '
+                         'ordinary adapters.')
+    elif members:
+      raise ValueError(f'adapters.{name}.members is an option of method=\'fusion\'; '
+                       f'{name!r} is {method!r}.')
+    if entry.get('drop_rate'):
+      raise ValueError(f'adapters.{name}.drop_rate={entry.drop_rate}: AdapterDrop during training '
+                       'is not supported with named adapters (vadapt.multi); set it to 0 (at '
+                       'inference Parallel(..., drop_lowest=k) skips the lowest blocks).')
+    view = task_config(config, name)
+    if method != FUSION:
+      experiment.adapter_spec(view)  # The adapter options, checked.
+    source = entry.get('dir') or None
+    if source:
+      adapter_dir.read_config(source)
+      source = os.path.abspath(source)
+    elif workdir is not None:
+      own = os.path.join(adapters_dir(workdir), name)
+      source = own if os.path.isfile(os.path.join(own, adapter_dir.CONFIG)) else None
+    tasks[name] = Task(name=name, config=view, method=method, members=members, source=source)
+  return dict(sorted(tasks.items(), key=lambda kv: kv[1].is_fusion))
+
+
+def get_task(tasks: dict[str, Task], name: Optional[str], what: str = 'config.task') -> Task:
+  if name not in tasks:
+    raise ValueError(f'{what}={name!r} is not a task of config.adapters; tasks: '
+                     f'{", ".join(tasks)}.')
+  return tasks[name]
+
+
+def _mesh(config: ml_collections.ConfigDict):
+  devices = jax.devices()
+  n = config.mesh.get('num_devices', -1)
+  if n != -1:
+    if not 1 <= n <= len(devices):
+      raise ValueError(f'mesh.num_devices={n} but {len(devices)} devices are available.')
+    devices = devices[:n]
+  return sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+
+
+def _images(config: ml_collections.ConfigDict) -> jax.Array:
+  return jnp.zeros(backbones.sample_images(config.backbone).shape, jnp.float32)
+
+
+def _abstract_backbone(config: ml_collections.ConfigDict, backbone: nn.Module):
+  return jax.eval_shape(lambda: partition.from_variables(
+      backbone.init(jax.random.PRNGKey(0), _images(config), train=False)))
+
+
+def _check_layouts(tasks: Sequence[Task], abstract) -> None:
+  """Adapters trained on another backbone architecture are refused before weights load."""
+  for t in tasks:
+    if t.source is not None:
+      adapter_dir.check_layout(t.source, adapter_dir.read_config(t.source), abstract)
+
+
+@dataclasses.dataclass
+class Loaded:
+  """The backbone with every trained task's adapter.
+
+  Attributes:
+    backbone: the plain backbone (features).
+    model: the multi-adapter model.
+    params: its parameters (host arrays).
+    selections: per loaded task, what `adapter=` serves it: its name, or a Fuse block.
+  """
+  backbone: nn.Module
+  model: multi.MultiAdapted
+  params: dict[str, Any]
+  selections: dict[str, Union[str, composition.Fuse]]
+
+
+def load(config: ml_collections.ConfigDict, tasks: dict[str, Task], *,
+         skip: Sequence[str] = ()) -> Loaded:
+  """The backbone (its weights loaded) with every trained task but `skip` added, in plan order.
+
+  Adapter directories of another backbone are refused (layout before the weights load, weights
+  after).
+  """
+  backbone = backbones.make_model(config.backbone, None)
+  wanted = [t for t in tasks.values() if t.source is not None and t.name not in skip]
+  _check_layouts(wanted, _abstract_backbone(config, backbone))
+  for t in wanted:
+    missing = [m for m in t.members if tasks[m].source is None or m in skip]
+    if missing:
+      raise ValueError(f'Task {t.name!r} fuses {list(t.members)}, but {missing} are not trained '
+                       f'(no adapter directory): train them first (--config.task=NAME).')
+  params = backbones.load_params(config.backbone, backbone, rng=jax.random.fold_in(
+      jax.random.PRNGKey(config.seed), 1))
+  model = multi.adapt(backbone, [])
+  selections = {}
+  for t in wanted:
+    model, params = adapter_dir.add(model, params, t.source, name=t.name)
+    selections[t.name] = adapter_dir.fuse_block(t.source, t.name) or t.name
+    stored = adapter_dir.read_config(t.source).get('meta', {}).get('adapter')
+    if stored is not None and not t.is_fusion and stored != experiment.adapter_spec(t.config):
+      metrics_lib.log(f'Note: task {t.name!r} is loaded from {t.source}, trained with adapter '
+                      f'{stored}; config.adapters.{t.name} now says '
+                      f'{experiment.adapter_spec(t.config)} (the directory is what runs).')
+  return Loaded(backbone=backbone, model=model, params=params, selections=selections)
+
+
+class TaskModel(nn.Module):
+  """One task of a multi-adapter model as an ordinary classifier (the trainer's model): the
+  model called with the task's adapter selection and head; parameters keep the model's paths.
+
+  Attributes:
+    model: the multi-adapter model.
+    adapter: the task's adapter name, or its composition block (a Fuse).
+    head: the task's head.
+  """
+  model: multi.MultiAdapted
+  adapter: Any
+  head: Optional[str]
+
+  def setup(self):
+    nn.share_scope(self, self.model)
+
+  def __call__(self, *args, **kwargs):
+    return self.model(*args, adapter=self.adapter, head=self.head, **kwargs)
+
+
+def _spec(task: Task) -> dict[str, Any]:
+  if task.is_fusion:
+    return {'method': FUSION, 'members': list(task.members)}
+  return experiment.adapter_spec(task.config)
+
+
+def _serving_meta(task: Task, step: int) -> dict[str, Any]:
+  c = task.config
+  return {
+      'task': task.name, 'step': step, 'adapter': _spec(task),
+      'image_size': c.backbone.image_size, 'preprocess': experiment.preprocess_name(c, 'eval'),
+      'eval_crop_fraction': c.input.get('eval_crop_fraction'),
+      'backbone_checkpoint': os.path.abspath(c.backbone.checkpoint) if c.backbone.checkpoint
+                             else '',
+      'config': json.loads(c.to_json_best_effort()),
+  }
+
+
+def _check_shared(config: ml_collections.ConfigDict, mesh) -> None:
+  sharding_lib.batch_size_per_shard(mesh, config.batch_size, 'batch_size')
+  sharding_lib.batch_size_per_shard(mesh, config.eval_batch_size, 'eval_batch_size')
+  if config.total_steps < 1:
+    raise ValueError(f'total_steps must be >= 1; found {config.total_steps}.')
+  if config.backbone.checkpoint:
+    pretrained_common.require_file(config.backbone.checkpoint, 'backbone.checkpoint')
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str,
+          name: Optional[str] = None) -> tuple[experiment.Experiment, Loaded, Task]:
+  """The Experiment that trains task `name` (default config.task) with every trained task loaded
+  and frozen; also the loaded model (the task's adapter added) and the task."""
+  tasks = plan(config, workdir)
+  task = get_task(tasks, config.task if name is None else name)
+  c = task.config
+  if config.adapters[task.name].get('dir'):
+    raise ValueError(f'adapters.{task.name}.dir is set: task {task.name!r} is loaded from '
+                     f'{task.source}, not trained here; set --config.adapters.{task.name}.dir= '
+                     'to train it in this workdir.')
+  untrained = [m for m in task.members if tasks[m].source is None]
+  if untrained:
+    raise ValueError(f'Task {task.name!r} fuses {list(task.members)}; train {untrained} first '
+                     f'(--config.task={untrained[0]}).')
+  if task.is_fusion:
+    _check_fusable(task, tasks)
+  own = os.path.join(adapters_dir(workdir), task.name)
+  checkpointer_dir = os.path.join(task_dir(workdir, task.name), 'checkpoints')
+  if (os.path.exists(own) and not os.path.isdir(checkpointer_dir)
+      and not c.checkpoint.restart):
+    raise FileExistsError(f'{own} already holds an adapter that this workdir has no checkpoints '
+                          f'of ({checkpointer_dir}): move it away, or pass '
+                          '--config.checkpoint.restart=True (it is moved aside, not deleted).')
+  mesh = _mesh(c)
+  _check_shared(c, mesh)
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  info = input_pipeline.get_info(c.input)
+  experiment.check_data(c, info)
+  # Fusions over this task would fuse its old adapter: they are left out (and stale after).
+  stale = [t.name for t in tasks.values() if task.name in t.members and t.source is not None]
+  if stale:
+    metrics_lib.log(f'Note: retraining {task.name!r} changes what the trained fusion task(s) '
+                    f'{stale} fuse; train them again afterwards.')
+  loaded = load(config, tasks, skip=(task.name, *stale))
+  images = _images(c)
+  if task.is_fusion:
+    own_adapter = multi.NamedAdapter(task.name, (), num_classes=info.num_classes,
+                                     class_names=tuple(info.class_names))
+    selection = composition.Fuse(*task.members, name=adapter_dir.fusion_name(task.name),
+                                 dropout=c.adapter.get('dropout', 0.0))
+  else:
+    spec = experiment.adapter_spec(c)
+    experiment.check_layers(spec, loaded.backbone, images)
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()
+              if k not in ('method', 'drop_rate')}
+    own_adapter = multi.named(loaded.backbone, task.name, spec['method'],
+                              num_classes=info.num_classes, class_names=tuple(info.class_names),
+                              **kwargs)
+    selection = task.name
+  model = loaded.model.with_adapter(own_adapter)
+  rng = jax.random.PRNGKey(c.seed)
+  params = multi.init_missing(model, loaded.params, rng, images, adapter=selection,
+                             head=task.name, train=False)
+  rules = [(r'^batch_stats/', 'frozen')] + multi.rules(
+      model, train=[task.name], heads=c.train_head,
+      fusions=[selection.name] if task.is_fusion else [])
+  labels = partition.label_tree(params, rules)
+  delta, frozen = partition.split(params, labels)
+  delta_labels, _ = partition.split(labels, labels)
+  if not jax.tree.leaves(delta):
+    raise ValueError(f'Nothing to train for task {task.name!r}: its label rules mark every '
+                     'parameter frozen.')
+  shardings = lambda tree: sharding_lib.tree_shardings(
+      tree, mesh, c.param_sharding, min_size=c.mesh.get('fsdp_min_size', 2 ** 14))
+  delta_sh, frozen_sh = shardings(delta), shardings(frozen)
+  backbone_host = multi.backbone_params(model, params)
+  schedule = experiment.make_schedule(c)
+  meta = {
+      'adapter': _spec(task), 'task': task.name,
+      'variant': c.backbone.variant, 'image_size': c.backbone.image_size,
+      'num_classes': info.num_classes, 'class_names': list(info.class_names),
+      'preprocess': experiment.preprocess_name(c, 'eval'),
+      'eval_crop_fraction': c.input.get('eval_crop_fraction'),
+      'backbone_fingerprint': ckpt_lib.fingerprint(backbone_host),
+      'backbone_layout': ckpt_lib.layout_fingerprint(backbone_host),
+      'backbone_checkpoint': os.path.abspath(c.backbone.checkpoint) if c.backbone.checkpoint
+                             else '',
+      'config': json.loads(c.to_json_best_effort()),
+  }
+  exp = experiment.Experiment(
+      config=c, info=info, mesh=mesh, model=TaskModel(model, selection, task.name),
+      labels=labels, delta=jax.device_put(delta, delta_sh),
+      frozen=jax.device_put(frozen, frozen_sh), delta_shardings=delta_sh,
+      frozen_shardings=frozen_sh, tx=experiment.make_optimizer(c, delta_labels, schedule),
+      schedule=schedule, meta=meta, param_table=partition.summary_table(params, labels),
+      counts=partition.count(params, labels))
+  loaded = Loaded(backbone=loaded.backbone, model=model, params=params,
+                  selections={**loaded.selections, task.name: selection})
+  return exp, loaded, task
+
+
+def _check_fusable(task: Task, tasks: dict[str, Task]) -> None:
+  """AdapterFusion attends over the members' outputs at each module: they must sit alike."""
+  places = {}
+  for m in task.members:
+    saved = adapter_dir.read_config(tasks[m].source)
+    places[m] = sorted((t['pattern'], t['position']) for t in saved['targets'])
+  if len({json.dumps(p) for p in places.values()}) > 1:
+    found = '; '.join(f'{m}: {len(p)} modules, e.g. {p[0][0]!r} ({p[0][1]})' if p else
+                      f'{m}: none' for m, p in places.items())
+    raise ValueError(f'Task {task.name!r} fuses {list(task.members)}, whose adapters sit at '
+                     f'different modules or positions ({found}); AdapterFusion needs members '
+                     'placed alike (the same method and layers).')
+
+
+def _write_index(workdir: str, tasks: dict[str, Task]) -> None:
+  """adapters/adapters.json: the tasks trained here, members before fusions (load_set's order)."""
+  root = adapters_dir(workdir)
+  names = [n for n in tasks if os.path.isfile(os.path.join(root, n, adapter_dir.CONFIG))]
+  files.write_json(os.path.join(root, adapter_dir.SET_INDEX), {'adapters': names}, indent=2)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """--mode=train: trains config.task, saves WORKDIR/adapters/<task>, then evaluates every
+  trained task (config.eval_all_tasks). Returns {'task', 'step', 'metrics', 'adapter_dir',
+  'tasks' (the table, when evaluated)}."""
+  experiment.initialize_distributed(config)
+  workdir = os.path.abspath(workdir)
+  exp, loaded, task = setup(config, workdir)
+  own = os.path.join(adapters_dir(workdir), task.name)
+  run_dir = task_dir(workdir, task.name)
+  if exp.config.checkpoint.restart and jax.process_index() == 0:
+    moved = ckpt_lib.move_run_aside(run_dir)
+    if os.path.exists(own):
+      moved = moved or _new_previous_run(run_dir)
+      os.rename(own, os.path.join(moved, 'adapter_dir'))
+    if moved:
+      metrics_lib.log(f'Starting task {task.name!r} over, as checkpoint.restart=True asks: its '
+                      f'previous run (checkpoints, metrics, adapter directory) moved to {moved}.')
+  others = [n for n in loaded.selections if n != task.name]
+  metrics_lib.log(f'=== Task {task.name!r} ({task.method}'
+                  + (f' over {", ".join(task.members)}' if task.is_fusion else '')
+                  + f') on one backbone with {len(others)} trained task(s) frozen'
+                  + (f': {", ".join(others)}' if others else '') + ' ===')
+  result = train_lib.train_experiment(exp, run_dir, export=False)
+  params = partition.merge(result.delta, jax.tree.map(np.asarray, jax.device_get(result.frozen)))
+  if jax.process_index() == 0:
+    selection = loaded.selections[task.name]
+    adapter_dir.save(own, loaded.model, params, task.name,
+                     fusion=selection if task.is_fusion else None,
+                     meta=_serving_meta(task, result.step), overwrite=True)
+    _write_index(workdir, plan(config, workdir))
+  metrics_lib.log(f'Saved task {task.name!r} as the adapter directory {own} '
+                  f'({train_lib.human_bytes(train_lib.dir_bytes(own))}).')
+  out = {'task': task.name, 'step': result.step, 'metrics': result.metrics, 'adapter_dir': own}
+  if config.get('eval_all_tasks', True):
+    out['tasks'] = evaluate_tasks(config, workdir)
+  return out
+
+
+def _new_previous_run(run_dir: str) -> str:
+  parent = os.path.join(run_dir, 'previous_runs')
+  os.makedirs(parent, exist_ok=True)
+  n = len(os.listdir(parent)) + 1
+  while os.path.exists(os.path.join(parent, str(n))):
+    n += 1
+  os.makedirs(os.path.join(parent, str(n)))
+  return os.path.join(parent, str(n))
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+
+def _sums(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Correct, count and summed cross-entropy over the valid rows; logits padded with -inf (the
+  heads of index-selected adapters are padded to the widest) are fine."""
+  logits = logits.astype(jnp.float32)
+  mask = batch['mask'].astype(jnp.float32)
+  label = batch['label']
+  picked = jnp.take_along_axis(logits, label[:, None], axis=-1)[:, 0]
+  loss = jax.nn.logsumexp(logits, axis=-1) - picked
+  correct = (jnp.argmax(logits, -1) == label).astype(jnp.float32)
+  return {'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask),
+          'loss_sum': jnp.sum(jnp.where(mask > 0, loss, 0.0))}
+
+
+def _run_eval(task: Task, info, mesh, step, params, selection) -> dict[str, float]:
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vadapt.data import iterators  # pylint: disable=g-import-not-at-top
+  c = task.config
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  totals = {'correct': 0.0, 'count': 0.0, 'loss_sum': 0.0}
+  batches = metrics_lib.progress_iter(
+      input_pipeline.make_eval_iterator(
+          c.input, global_batch_size=c.eval_batch_size, image_size=c.backbone.image_size,
+          preprocess=experiment.preprocess_name(c, 'eval'), process_index=jax.process_index(),
+          process_count=jax.process_count()),
+      desc=f'eval {task.name}', total=iterators.num_eval_batches(info.num_eval,
+                                                                c.eval_batch_size))
+  for batch in batches:
+    out = jax.device_get(step(params, sharding_lib.put_global_batch(
+        {k: batch[k] for k in ('image', 'label', 'mask')}, batch_sh), selection))
+    for k in totals:
+      totals[k] += float(out[k])
+  if not totals['count']:
+    raise ValueError(f'The eval split {c.input.get("eval_split")!r} of task {task.name!r} '
+                     'yielded no examples.')
+  return {'eval/accuracy': totals['correct'] / totals['count'],
+          'eval/loss': totals['loss_sum'] / totals['count'], 'eval/examples': totals['count']}
+
+
+def evaluate_tasks(config: ml_collections.ConfigDict, workdir: str,
+                   names: Optional[Sequence[str]] = None) -> dict[str, dict[str, Any]]:
+  """--mode=eval_tasks: every trained task (or `names`) on its own task's eval split; prints one
+  table and writes WORKDIR/eval_tasks.json. Untrained tasks are listed as such.
+
+  The ordinary adapters share one compiled eval program (the adapter and head are chosen by an
+  index, as data); each fusion task compiles its own.
+  """
+  experiment.initialize_distributed(config)
+  tasks = plan(config, workdir)
+  wanted = list(tasks) if names is None else [get_task(tasks, n).name for n in names]
+  trained = [n for n in wanted if tasks[n].source is not None]
+  if not trained:
+    raise FileNotFoundError(
+        f'No task of {wanted} is trained in {adapters_dir(workdir)}: train one first '
+        f'(--mode=train --config.task={wanted[0]}).')
+  mesh = _mesh(config)
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  infos = {n: input_pipeline.get_info(tasks[n].config.input) for n in trained}
+  loaded = load(config, tasks, skip=[n for n in tasks if n not in trained and not any(
+      n in tasks[t].members for t in trained)])
+  model = loaded.model
+  for n in trained:
+    width = model.adapter(n).num_classes
+    if width != infos[n].num_classes:
+      raise ValueError(f'Task {n!r}: its adapter in {tasks[n].source} has a head of {width} '
+                       f'classes, its data (config.adapters.{n}.input) has '
+                       f'{infos[n].num_classes}.')
+  params = jax.device_put(loaded.params, sharding_lib.replicated(mesh))
+  traces = []
+
+  def by_index(p, batch, index):
+    traces.append(1)
+    return _sums(model.apply({'params': p}, batch['image'], adapter=index, train=False), batch)
+
+  def by_block(p, batch, block):
+    head = block[1]
+    return _sums(model.apply({'params': p}, batch['image'], adapter=block[0], head=head,
+                             train=False), batch)
+
+  every_head = all(a.num_classes for a in model.adapters)
+  index_step = jax.jit(by_index)
+  block_step = jax.jit(by_block, static_argnums=2)
+  results = {}
+  for n in wanted:
+    if n not in trained:
+      results[n] = {'trained': False}
+      continue
+    selection = loaded.selections[n]
+    if isinstance(selection, str) and every_head:
+      metrics = _run_eval(tasks[n], infos[n], mesh, index_step, params,
+                          jnp.int32(model.index(n)))
+    else:
+      metrics = _run_eval(tasks[n], infos[n], mesh, block_step, params, (selection, n))
+    results[n] = {'trained': True, 'method': tasks[n].method, 'adapter_dir': tasks[n].source,
+                  'num_classes': infos[n].num_classes, **metrics}
+  _log_table(results, tasks)
+  shared = sum(1 for n in trained if isinstance(loaded.selections[n], str)) if every_head else 0
+  if shared > 1:
+    metrics_lib.log(f'{shared} tasks ran through one compiled eval program ({len(traces)} '
+                    'trace): the adapter was chosen by index, as data.')
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(os.path.abspath(workdir), EVAL_TABLE), results, indent=2)
+  return results
+
+
+def _log_table(results: dict[str, dict[str, Any]], tasks: dict[str, Task]) -> None:
+  rows = [('task', 'method', 'classes', 'eval accuracy', 'examples', 'adapter')]
+  for n, r in results.items():
+    method = tasks[n].method + (f'({"+".join(tasks[n].members)})' if tasks[n].is_fusion else '')
+    if r['trained']:
+      rows.append((n, method, str(r['num_classes']), f'{r["eval/accuracy"]:.4f}',
+                   str(int(r['eval/examples'])), r['adapter_dir']))
+    else:
+      rows.append((n, method, '-', '-', '-', 'not trained'))
+  widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+  lines = ['  '.join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+  metrics_lib.log('=== Tasks ===\n' + '\n'.join(lines))
+
+
+# ----------------------------------------------------------------------------- export, predict
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, out: Optional[str]) -> str:
+  """--mode=export: copies the trained tasks' adapter directories (a set) to `out`."""
+  tasks = plan(config, workdir)
+  if not any(t.source for t in tasks.values()):
+    raise FileNotFoundError(f'No task is trained in {adapters_dir(workdir)}: train one first.')
+  source = adapters_dir(workdir)
+  if out is None:
+    metrics_lib.log(f'The trained tasks are adapter directories already: {source} (a set: '
+                    'vadapt.adapter_dir.load_set); pass --out=DIR for a copy.')
+    return source
+  if os.path.exists(out):
+    raise FileExistsError(f'{out!r} exists; export writes a new directory (nothing is '
+                          'overwritten).')
+  shutil.copytree(source, out)
+  metrics_lib.log(f'Exported the adapter set {source} to {out}.')
+  return out
+
+
+class TaskPredictor(predict_lib.Predictor):
+  """A task's adapter (by name, or from an adapter directory) on its backbone, ready to classify
+  images: `predict(items, top_k=)` as vadapt.predict.Predictor."""
+
+  def __init__(self, loaded: Loaded, name: str, config: ml_collections.ConfigDict,
+               meta: dict[str, Any]):  # pylint: disable=super-init-not-called
+    model = loaded.model
+    selection = loaded.selections[name]
+    spec = model.adapter(name)
+    if not spec.num_classes:
+      raise ValueError(f'Adapter {name!r} has no head of its own: nothing to classify with.')
+    self.meta = meta
+    self.config = config
+    self.class_names = tuple(spec.class_names) or tuple(str(i) for i in range(spec.num_classes))
+    self._params = jax.device_put(loaded.params)
+    self._logits = jax.jit(lambda p, x: model.apply({'params': p}, x, adapter=selection,
+                                                    head=name, train=False))
+    self._size = int(meta.get('image_size') or config.backbone.image_size)
+    self._family = meta.get('preprocess') or experiment.preprocess_name(config, 'eval')
+    self._crop = meta.get('eval_crop_fraction', config.input.get('eval_crop_fraction'))
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, workdir: str,
+                  name: str) -> 'TaskPredictor':
+    """Task `name` of a multi-task config, with the workdir's trained tasks."""
+    tasks = plan(config, workdir)
+    task = get_task(tasks, name, '--adapter')
+    if task.source is None:
+      raise FileNotFoundError(f'Task {name!r} is not trained (no {adapter_dir.CONFIG} in '
+                              f'{os.path.join(adapters_dir(workdir), name)}): train it first '
+                              f'(--mode=train --config.task={name}).')
+    keep = {name, *task.members}
+    loaded = load(config, tasks, skip=[n for n in tasks if n not in keep])
+    meta = adapter_dir.read_config(task.source).get('meta') or _serving_meta(task, -1)
+    return cls(loaded, name, task.config, meta)
+
+  @classmethod
+  def from_directory(cls, directory: str, backbone: Optional[str] = None) -> 'TaskPredictor':
+    """The adapter saved in `directory` (a fusion's members from its sibling directories), on
+    the backbone stored with it (or `backbone`)."""
+    saved = adapter_dir.read_config(directory)
+    meta = saved.get('meta') or {}
+    if 'config' not in meta:
+      raise ValueError(f'Adapter directory {directory!r} stores no experiment config (meta): it '
+                       'was not written by a multi-task run; load it in Python with '
+                       'vadapt.adapter_dir.load.')
+    config = ml_collections.ConfigDict(meta['config'])
+    with config.unlocked():
+      if backbone is not None:
+        config.backbone.checkpoint = backbone
+      elif meta.get('backbone_checkpoint'):
+        config.backbone.checkpoint = meta['backbone_checkpoint']
+    members = (saved.get('fusion') or {}).get('members', [])
+    parent = os.path.dirname(os.path.abspath(directory))
+    sources = [os.path.join(parent, m) for m in members] + [os.path.abspath(directory)]
+    missing = [s for s in sources if not os.path.isfile(os.path.join(s, adapter_dir.CONFIG))]
+    if missing:
+      raise FileNotFoundError(f'Adapter {saved["name"]!r} in {directory!r} is an AdapterFusion '
+                              f'of {members}; their directories are missing: {missing}.')
+    net = backbones.make_model(config.backbone, None)
+    for s in sources:
+      adapter_dir.check_layout(s, adapter_dir.read_config(s), _abstract_backbone(config, net))
+    params = backbones.load_params(config.backbone, net, rng=jax.random.fold_in(
+        jax.random.PRNGKey(config.get('seed', 0)), 1))
+    model = multi.adapt(net, [])
+    for s in sources:
+      model, params = adapter_dir.add(model, params, s)
+    name = saved['name']
+    selection = adapter_dir.fuse_block(saved) or name
+    loaded = Loaded(backbone=net, model=model, params=params, selections={name: selection})
+    return cls(loaded, name, config, meta)
+
+
+def predict_cli(config: Optional[ml_collections.ConfigDict], workdir: Optional[str],
+                items: Sequence[str], *, adapter: Optional[str] = None,
+                backbone: Optional[str] = None, top_k: int = 5) -> list[predict_lib.Prediction]:
+  """--mode=predict with a multi-task config (--adapter=TASK, default config.task) or an adapter
+  directory (--adapter=DIR): one line per image, 'path: class p, class p, ...'."""
+  if adapter and os.path.isdir(adapter):
+    predictor = TaskPredictor.from_directory(adapter, backbone)
+  else:
+    if config is None or 'adapters' not in config:
+      raise ValueError(f'--adapter={adapter!r} is neither an adapter file nor an adapter '
+                       'directory; a task name needs its multi-task --config and --workdir.')
+    if workdir is None:
+      raise ValueError(f'--workdir is required to predict with task {adapter!r} (its trained '
+                       'adapters are there).')
+    name = adapter or config.task
+    get_task(plan(config, workdir), name, '--adapter')
+    if backbone is not None:
+      config = copy.deepcopy(config)
+      with config.unlocked():
+        config.backbone.checkpoint = backbone
+    predictor = TaskPredictor.from_config(config, workdir, name)
+  predictions = predictor.predict(items, top_k=top_k)
+  for p in predictions:
+    metrics_lib.log(predict_lib.format_prediction(p))
+  return predictions

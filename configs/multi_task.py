@@ -12,8 +12,11 @@ before are loaded from WORKDIR/adapters and stay frozen (bit-identical). See vad
   python -m vadapt.main --config=configs/multi_task.py --workdir=w --mode=predict \
       --adapter=flowers --images=photo.jpg
 
-Tasks (options: --config.adapters.<task>.<field>, e.g. --config.adapters.flowers.bottleneck=32,
---config.adapters.pets.dir=trained/pets to load an adapter directory instead of training it):
+config.adapter and config.input hold every task's adapter options and data; a task's own fields
+(--config.adapters.<task>.<field>, e.g. --config.adapters.flowers.bottleneck=32 or
+--config.adapters.flowers.input.name=cifar100) override them for that task, unset ones follow them;
+--config.adapters.pets.dir=trained/pets loads an adapter directory instead of training the task.
+Tasks:
   pets      houlsby adapters, oxford_iiit_pet
   flowers   houlsby adapters, oxford_flowers102
   fused     AdapterFusion of pets and flowers (adapters placed alike), trained on oxford_iiit_pet
@@ -29,23 +32,30 @@ Arguments after ':' (comma separated):
       --config.task=even
 """
 
-import copy
-
 import ml_collections
 from ml_collections import config_dict
 
 from configs import common
 
 
-def task(template: ml_collections.ConfigDict, method: str, data: ml_collections.ConfigDict,
-         *, members: tuple[str, ...] = (), **options) -> ml_collections.ConfigDict:
-  """One entry of config.adapters: the adapter options of `template` (config.adapter) with
-  `method` and `options`, the task's data, an adapter directory to load, fusion members."""
-  t = copy.deepcopy(template)
+def _unset_like(fields: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Every field of `fields`, unset (None) but typed: settable from the command line."""
+  return ml_collections.ConfigDict({k: config_dict.placeholder(fields.get_type(k))
+                                    for k in fields.keys()})
+
+
+def task(c: ml_collections.ConfigDict, method: str, *, members: tuple[str, ...] = (),
+         data=None, **options) -> ml_collections.ConfigDict:
+  """One entry of config.adapters: its method, adapter options and data fields (`data`) that
+  differ from config.adapter and config.input (unset ones follow those), an adapter directory to
+  load (`dir`), and for method='fusion' the fused tasks (`members`)."""
+  t = _unset_like(c.adapter)
   t.method = method
   for key, value in options.items():
     t[key] = value
-  t.input = data
+  t.input = _unset_like(c.input)
+  for key, value in (data or {}).items():
+    t.input[key] = value
   t.dir = config_dict.placeholder(str)  # A trained adapter directory: loaded, not trained.
   t.members = config_dict.FieldReference(tuple(members), field_type=tuple)
   return t
@@ -62,34 +72,23 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.batch_size = 256
   c.eval_batch_size = 256
   c.input.source = 'tfds'
+  c.input.eval_split = 'test'
   if arg.test:
     common.apply_test_settings(c)
-
-  def data(**fields):
-    d = copy.deepcopy(c.input)
-    for key, value in fields.items():
-      d[key] = value
-    return d
-
-  template = c.adapter
-  if arg.test:
     c.adapters = ml_collections.ConfigDict({
-        'even': task(template, 'pfeiffer', data(classes=(0, 2, 4, 6, 8))),
-        'odd': task(template, 'pfeiffer', data(classes=(1, 3, 5, 7, 9)), bottleneck=4),
-        'fused': task(template, 'fusion', data(), members=('even', 'odd')),
+        'even': task(c, 'pfeiffer', data=dict(classes=(0, 2, 4, 6, 8))),
+        'odd': task(c, 'pfeiffer', data=dict(classes=(1, 3, 5, 7, 9)), bottleneck=4),
+        'fused': task(c, 'fusion', members=('even', 'odd')),
     })
     c.task = 'even'
   else:
     c.adapters = ml_collections.ConfigDict({
-        'pets': task(template, 'houlsby', data(name='oxford_iiit_pet', eval_split='test')),
-        'flowers': task(template, 'houlsby', data(name='oxford_flowers102', eval_split='test')),
-        'fused': task(template, 'fusion', data(name='oxford_iiit_pet', eval_split='test'),
+        'pets': task(c, 'houlsby', data=dict(name='oxford_iiit_pet')),
+        'flowers': task(c, 'houlsby', data=dict(name='oxford_flowers102')),
+        'fused': task(c, 'fusion', data=dict(name='oxford_iiit_pet'),
                       members=('pets', 'flowers')),
     })
     c.task = 'pets'
   # After training a task, evaluate every trained task (one table).
   c.eval_all_tasks = True
-  # Each task carries its own adapter options and data.
-  del c['adapter']
-  del c['input']
   return c

@@ -92,16 +92,26 @@ class Task:
     return self.method == FUSION
 
 
+def _override(shared: ml_collections.ConfigDict, own: ml_collections.ConfigDict,
+              skip: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  out = copy.deepcopy(shared)
+  with out.unlocked():
+    for key in own.keys():
+      if key not in skip and own[key] is not None:
+        out[key] = own[key]
+  return out
+
+
 def task_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """The experiment config of task `name` alone: config.adapter and config.input are the task's,
-  config.task is `name`, and config.adapters is gone (other tasks do not change this one's)."""
+  """The experiment config of task `name` alone: config.adapter and config.input with the task's
+  own fields (those set) on top, config.task = `name`, and no config.adapters (so the other
+  tasks' settings do not enter this one's checkpoints)."""
   entry = config.adapters[name]
   c = copy.deepcopy(config)
   with c.unlocked():
     del c['adapters']
-    c.adapter = ml_collections.ConfigDict(
-        {k: entry[k] for k in entry.keys() if k not in TASK_FIELDS})
-    c.input = copy.deepcopy(entry.input)
+    c.adapter = _override(config.adapter, entry, TASK_FIELDS)
+    c.input = _override(config.input, entry.input)
     c.task = name
   return c
 
@@ -132,7 +142,8 @@ def plan(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str,
     if name == multi.HEADS:
       raise ValueError(f'Task name {name!r} is reserved (the heads live under it).')
     entry = adapters[name]
-    method = entry.method
+    view = task_config(config, name)
+    method = view.adapter.method
     if method not in METHODS:
       raise ValueError(f'adapters.{name}.method={method!r}: a named adapter is one of '
                        f'{", ".join(METHODS)} (prompts rewrite the call and BitFit adds no '
@@ -143,18 +154,17 @@ def plan(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str,
       if len(members) < 2 or unknown:
         raise ValueError(f'adapters.{name}.members={members}: a fusion task fuses two or more '
                          f'other tasks of config.adapters ({", ".join(names)}).')
-      nested = [m for m in members if adapters[m].method == FUSION]
+      nested = [m for m in members if task_config(config, m).adapter.method == FUSION]
       if nested:
         raise ValueError(f'adapters.{name}.members: {nested} are fusion tasks themselves; fuse '
                          'ordinary adapters.')
     elif members:
       raise ValueError(f'adapters.{name}.members is an option of method=\'fusion\'; '
                        f'{name!r} is {method!r}.')
-    if entry.get('drop_rate'):
-      raise ValueError(f'adapters.{name}.drop_rate={entry.drop_rate}: AdapterDrop during training '
-                       'is not supported with named adapters (vadapt.multi); set it to 0 (at '
-                       'inference Parallel(..., drop_lowest=k) skips the lowest blocks).')
-    view = task_config(config, name)
+    if view.adapter.get('drop_rate'):
+      raise ValueError(f'adapters.{name}.drop_rate={view.adapter.drop_rate}: AdapterDrop during '
+                       'training is not supported with named adapters (vadapt.multi); set it to 0 '
+                       '(at inference Parallel(..., drop_lowest=k) skips the lowest blocks).')
     if method != FUSION:
       experiment.adapter_spec(view)  # The adapter options, checked.
     source = entry.get('dir') or None

@@ -1,0 +1,169 @@
+"""Many tasks on one backbone from the command line (configs/multi_task.py:test): tasks trained one
+after another leave the earlier ones bit-identical, a fusion is saved and served like any adapter,
+every task is evaluated in one table, prediction picks a task by name or directory, and bad input
+is one line before any work."""
+
+import json
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from cli_runner import run_cli, run_main
+from config_overrides import load_config
+from vadapt import adapter_dir, backbones, checkpoint, multi, multi_task
+from vadapt.pretrained.common import flatten
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+CONFIG = os.path.join(REPO, 'configs', 'multi_task.py')
+
+
+def argv(workdir, *extra):
+  return [f'--config={CONFIG}:test', f'--workdir={workdir}', '--config.eval_at_start=False',
+          '--config.total_steps=2', *extra]
+
+
+def table(workdir):
+  with open(os.path.join(workdir, multi_task.EVAL_TABLE)) as f:
+    return json.load(f)
+
+
+def outputs(directories, name, images, **call):
+  """Logits of adapter `name` with the adapters of `directories` loaded on the test backbone."""
+  config = load_config('multi_task')
+  backbone = backbones.make_model(config.backbone, None)
+  params = backbones.load_params(config.backbone, backbone, rng=jax.random.fold_in(
+      jax.random.PRNGKey(config.seed), 1))
+  model = multi.adapt(backbone, [])
+  for d in directories:
+    model, params = adapter_dir.add(model, params, d)
+  return np.asarray(model.apply({'params': params}, images, adapter=name, **call))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """even, then odd, then the fusion of both; what each stage saw."""
+  w = tmp_path_factory.mktemp('tasks')
+  images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  run_main(argv(w, '--config.task=even', '--config.eval_all_tasks=False'))
+  even = os.path.join(w, 'adapters', 'even')
+  first = {'logits': outputs([even], 'even', images),
+           'files': {f: open(os.path.join(even, f), 'rb').read() for f in os.listdir(even)}}
+  run_main(argv(w, '--config.task=odd', '--config.eval_all_tasks=False'))
+  run_main(argv(w, '--config.task=fused'))
+  return w, images, first
+
+
+def test_tasks_trained_one_after_another_leave_the_earlier_ones_bit_identical(trained):
+  w, images, first = trained
+  root = os.path.join(w, 'adapters')
+  assert json.load(open(os.path.join(root, 'adapters.json'))) == {
+      'adapters': ['even', 'odd', 'fused']}
+  # Training odd and the fusion changed nothing of even: files, outputs, evaluation.
+  even = os.path.join(root, 'even')
+  assert {f: open(os.path.join(even, f), 'rb').read() for f in os.listdir(even)} == first['files']
+  dirs = [os.path.join(root, n) for n in ('even', 'odd')]
+  np.testing.assert_array_equal(outputs(dirs, 'even', images), first['logits'])
+  # The table after the last run: every task on its own eval split.
+  after = table(w)
+  assert all(after[n]['trained'] for n in ('even', 'odd', 'fused'))
+  assert [after[n]['num_classes'] for n in ('even', 'odd', 'fused')] == [5, 5, 10]
+  assert [after[n]['eval/examples'] for n in ('even', 'odd', 'fused')] == [31, 33, 64]
+  # Each run's checkpoint holds its own task's parameters only.
+  for name in ('odd', 'fused'):
+    ckpt = checkpoint.Checkpointer(os.path.join(w, 'tasks', name))
+    stored = ckpt.stored_shapes(ckpt.latest_step(), 'delta')
+    ckpt.close()
+    owners = {multi.owner(p, ['even', 'odd', 'fused'])
+              or ('fusion' if 'fusion_fused' in p.split('/') else None) for p in stored}
+    assert owners == ({'odd'} if name == 'odd' else {'fused', 'fusion'}), owners
+
+
+def test_fusion_layers_are_saved_and_served_like_any_adapter(trained):
+  w, images, _ = trained
+  root = os.path.join(w, 'adapters')
+  saved, weights = adapter_dir.read(os.path.join(root, 'fused'))
+  assert saved['fusion']['members'] == ['even', 'odd'] and saved['targets'] == []
+  assert any('/*fusion/query/kernel' in k for k in weights) and 'heads/*/kernel' in weights
+  block = adapter_dir.fuse_block(os.path.join(root, 'fused'))
+  assert block.members == ('even', 'odd') and block.name == 'fusion_fused'
+  dirs = [os.path.join(root, n) for n in ('even', 'odd', 'fused')]
+  fused = outputs(dirs, block, images, head='fused')
+  assert fused.shape == (4, 10) and np.all(np.isfinite(fused))
+  # The directory holds exactly what the run trained: the fusion layers and head of its last step.
+  ckpt = checkpoint.Checkpointer(os.path.join(w, 'tasks', 'fused'))
+  trained_delta = flatten(ckpt.restore_delta(ckpt.latest_step()))
+  ckpt.close()
+  assert len(trained_delta) == len(weights)
+  for path, value in trained_delta.items():
+    saved_path = path.replace('/fusion_fused/', '/*fusion/').replace('heads/fused/', 'heads/*/')
+    np.testing.assert_array_equal(weights[saved_path], value)
+  # A fusion without its members cannot be loaded.
+  config = load_config('multi_task')
+  backbone = backbones.make_model(config.backbone, None)
+  params = backbones.load_params(config.backbone, backbone, rng=jax.random.fold_in(
+      jax.random.PRNGKey(config.seed), 1))
+  with pytest.raises(ValueError, match=r"AdapterFusion of \['even', 'odd'\].*add \['odd'\] first"):
+    model, params = adapter_dir.add(multi.adapt(backbone, []), params, dirs[0])
+    adapter_dir.add(model, params, dirs[2])
+
+
+def test_predict_by_task_name_or_adapter_directory(trained, tmp_path, capsys):
+  w, _, _ = trained
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  for i in range(2):
+    Image.new('RGB', (20, 16), (90 * i, 120, 30)).save(folder / f'{i}.png')
+  capsys.readouterr()
+  assert run_cli(argv(w, '--mode=predict', '--adapter=fused', f'--images={folder}',
+                      '--top_k=3')) == 0
+  by_name = capsys.readouterr().out.strip().splitlines()
+  # The directory alone (no config): the backbone, preprocessing and the fused members' sibling
+  # directories are found from it.
+  assert run_cli(['--mode=predict', f'--adapter={w}/adapters/fused', f'--images={folder}',
+                  '--top_k=3']) == 0
+  assert capsys.readouterr().out.strip().splitlines() == by_name
+  assert len(by_name) == 2 and by_name[0].startswith(f'{folder}/0.png: ')
+  top = [pair.rsplit(' ', 1) for pair in by_name[0].split(': ')[1].split(', ')]
+  assert len(top) == 3 and {c for c, _ in top} <= set('0123456789')
+  assert sum(float(p) for _, p in top) < 1 and float(top[0][1]) >= float(top[1][1])
+
+
+@pytest.mark.parametrize('extra, cause', [
+    (['--config.task=nope'], "config.task='nope' is not a task of config.adapters; tasks: even, "
+                             'odd, fused.'),
+    (['--mode=predict', '--adapter=nope', '--images=x.png'],
+     "--adapter='nope' is not a task of config.adapters"),
+    (['--config.task=fused'], "Task 'fused' fuses ['even', 'odd']; train ['even', 'odd'] first"),
+    (['--config.adapters.odd.drop_rate=0.1'], 'AdapterDrop during training is not supported'),
+    (['--config.adapters.odd.members=("even",)'], "members is an option of method='fusion'"),
+    (['--config.adapters.odd.method=vpt_deep'], 'a named adapter is one of houlsby'),
+    (['--config.adapters.even.dir=/no/such/dir'], "adapter config not found: '/no/such/dir/"),
+    (['--mode=zeroshot'], '--mode=zeroshot does not take a multi-task config'),
+    (['--mode=eval_tasks'], 'No task of'),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, extra, cause):
+  w = tmp_path / 'w'
+  assert run_cli(argv(w, *extra)) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[0].startswith('vadapt: error: ') and cause in err[0], err
+  assert not os.path.exists(w / 'tasks')
+
+
+@pytest.mark.parametrize('extra, cause', [
+    # Another architecture: refused from the layout, before any weights load.
+    (['--config.backbone.overrides.num_layers=1'], 'other parameter paths, shapes or dtypes'),
+    # Same architecture, other weights (another random init).
+    (['--config.seed=3'], 'other weights (the weight digests differ)'),
+])
+def test_an_adapter_directory_of_another_backbone_is_refused(trained, tmp_path, capsys, extra,
+                                                             cause):
+  w, _, _ = trained
+  other = tmp_path / 'other'
+  assert run_cli(argv(other, '--config.task=odd',
+                      f'--config.adapters.even.dir={w}/adapters/even', *extra)) == 2
+  err = capsys.readouterr().err.strip().splitlines()[0]
+  assert err.startswith("vadapt: error: BackboneMismatchError: Adapter 'even'") and cause in err
+  assert not os.path.exists(other / 'tasks')

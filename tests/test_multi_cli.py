@@ -6,6 +6,7 @@ is one line before any work."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 from PIL import Image
@@ -13,7 +14,9 @@ import pytest
 
 from cli_runner import run_cli, run_main
 from config_overrides import load_config
-from vadapt import adapter_dir, backbones, checkpoint, multi, multi_task
+from vadapt import adapter_dir, backbones, checkpoint, inject, multi, multi_task
+from vadapt.adapters import BottleneckConfig
+from vadapt.composition import Stack
 from vadapt.pretrained.common import flatten
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -51,7 +54,9 @@ def trained(tmp_path_factory):
   even = os.path.join(w, 'adapters', 'even')
   first = {'logits': outputs([even], 'even', images),
            'files': {f: open(os.path.join(even, f), 'rb').read() for f in os.listdir(even)}}
-  run_main(argv(w, '--config.task=odd', '--config.eval_all_tasks=False'))
+  # odd trains with AdapterDrop (each layer's adapter left out of a step with probability 0.3).
+  run_main(argv(w, '--config.task=odd', '--config.eval_all_tasks=False',
+                '--config.adapters.odd.drop_rate=0.3'))
   run_main(argv(w, '--config.task=fused'))
   return w, images, first
 
@@ -137,7 +142,7 @@ def test_predict_by_task_name_or_adapter_directory(trained, tmp_path, capsys):
     (['--mode=predict', '--adapter=nope', '--images=x.png'],
      "--adapter='nope' is not a task of config.adapters"),
     (['--config.task=fused'], "Task 'fused' fuses ['even', 'odd']; train ['even', 'odd'] first"),
-    (['--config.adapters.odd.drop_rate=0.1'], 'AdapterDrop during training is not supported'),
+    (['--config.adapters.odd.drop_rate=1.5'], 'drop_rate (AdapterDrop) must be in [0, 1)'),
     (['--config.adapters.odd.members=("even",)'], "members is an option of method='fusion'"),
     (['--config.adapters.odd.method=vpt_deep'], 'a named adapter is one of houlsby'),
     (['--config.adapters.even.dir=/no/such/dir'], "adapter config not found: '/no/such/dir/"),
@@ -167,3 +172,46 @@ def test_an_adapter_directory_of_another_backbone_is_refused(trained, tmp_path, 
   err = capsys.readouterr().err.strip().splitlines()[0]
   assert err.startswith("vadapt: error: BackboneMismatchError: Adapter 'even'") and cause in err
   assert not os.path.exists(other / 'tasks')
+
+
+class Blocks(nn.Module):
+  """Two residual blocks (encoderblock_0, _1), each a Dense: AdapterDrop's layers."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    for i in range(2):
+      x = x + nn.Dense(x.shape[-1], name=f'encoderblock_{i}')(x)
+    return x
+
+
+def test_adapter_drop_trains_named_adapters_layer_by_layer():
+  x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
+  adapters = [multi.NamedAdapter(n, (inject.Target(r'encoderblock_\d', BottleneckConfig(
+      bottleneck=2)),), num_classes=3) for n in ('a', 'b')]
+  model = multi.adapt(Blocks(), adapters, drop_rate=0.5)
+  params = jax.jit(model.init)(jax.random.key(0), x)['params']
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda p: p + rng.normal(size=p.shape).astype(np.float32), params)
+  assert model.with_adapter(multi.NamedAdapter('c')).drop_rate == 0.5
+  run = jax.jit(lambda p, i, seed, **kw: model.apply(
+      {'params': p}, x, adapter=i, rngs={'dropout': jax.random.key(seed)}, **kw),
+                static_argnames=('train', 'drop_lowest'))
+  index = model.index('b')
+  kept = run(params, index, 0, train=False)
+  # References: nothing dropped, the lowest block dropped, both dropped (the head alone).
+  refs = {'kept': kept, 'lowest': run(params, index, 0, train=False, drop_lowest=1),
+          'all': run(params, index, 0, train=False, drop_lowest=2)}
+  assert not np.allclose(refs['kept'], refs['lowest']) and not np.allclose(refs['kept'],
+                                                                          refs['all'])
+  seen = set()
+  for seed in range(24):
+    out = run(params, index, seed, train=True)
+    seen |= {k for k, r in refs.items() if np.array_equal(out, r)} or {'upper'}
+  assert seen == {'kept', 'lowest', 'all', 'upper'}, seen  # Each layer drawn on its own.
+  # Inference never drops; composition blocks are gated the same way.
+  np.testing.assert_array_equal(run(params, index, 5, train=False), kept)
+  stacked = {str(np.asarray(model.apply({'params': params}, x, adapter=Stack('a', 'b'), train=True,
+                                        rngs={'dropout': jax.random.key(s)})).tobytes())
+             for s in range(12)}
+  assert len(stacked) > 1

@@ -28,7 +28,9 @@ The `adapter=` argument of a call:
 
 `drop_lowest=k` skips the adapters of the lowest k blocks at inference (AdapterDrop); with Parallel
 the batch is then replicated only at the first block that still adapts, so the blocks below run
-once for all tasks.
+once for all tasks. `adapt(..., drop_rate=r)` is AdapterDrop during training, as in vadapt.inject:
+each layer's adapters (whichever the call selects) add nothing to a training call with
+probability r, drawn per layer and call from the 'dropout' rng.
 """
 
 from __future__ import annotations
@@ -116,8 +118,10 @@ def named(backbone: nn.Module, name: str, method: str = 'houlsby', *,
                       class_names=tuple(class_names))
 
 
-def adapt(backbone: nn.Module, adapters: Iterable[NamedAdapter]) -> 'MultiAdapted':
-  """`backbone` holding every adapter of `adapters` (names must be unique)."""
+def adapt(backbone: nn.Module, adapters: Iterable[NamedAdapter], *,
+          drop_rate: float = 0.0) -> 'MultiAdapted':
+  """`backbone` holding every adapter of `adapters` (names must be unique); `drop_rate`:
+  AdapterDrop during training (see the module docstring)."""
   adapters = tuple(adapters)
   bad = [a for a in adapters if not isinstance(a, NamedAdapter)]
   if bad:
@@ -129,7 +133,7 @@ def adapt(backbone: nn.Module, adapters: Iterable[NamedAdapter]) -> 'MultiAdapte
                      'name.')
   targets = tuple(dataclasses.replace(t, name=param_name(a.name, t))
                   for a in adapters for t in a.targets)
-  return MultiAdapted(backbone=backbone, targets=targets, adapters=adapters)
+  return MultiAdapted(backbone=backbone, targets=targets, adapters=adapters, drop_rate=drop_rate)
 
 
 class _Head(nn.Module):
@@ -196,8 +200,8 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
 
   def __init__(self, model: 'MultiAdapted', selection, *, deterministic: bool,
                prefix: tuple[str, ...], drop_lowest: int = 0, replicate_at: Optional[str] = None,
-               copies: Optional[np.ndarray] = None):
-    super().__init__(model.targets, deterministic, prefix)
+               copies: Optional[np.ndarray] = None, drop_rate: float = 0.0):
+    super().__init__(model.targets, deterministic, prefix, drop_rate=drop_rate)
     self.model = model
     self.owner = [i for i, a in enumerate(model.adapters) for _ in a.targets]
     self.base_name = [t.name for a in model.adapters for t in a.targets]
@@ -321,14 +325,18 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
       new_args, new_kwargs = _replace(args, kwargs, x, new_x)
       return next_fun(*new_args, **new_kwargs)
     selection = self.selection
+    gate = lambda a: a
+    if self.drop_rate:  # AdapterDrop (training): the layer's adapters add exactly 0, or all add.
+      keep = self._layer_keep(module)
+      gate = lambda a: jnp.where(keep, a, jnp.zeros_like(a))
     if self.drop_lowest and _layer(path) < self.drop_lowest:
       y = call(x)
     elif isinstance(selection, (jax.Array, np.ndarray)) or self.copies is not None:
-      y = self._dynamic(module, path, hits, call, x)
+      y = self._dynamic(module, path, hits, call, x, gate)
     elif selection is None:
       y = call(x)
     else:
-      y = self._compose(module, path, hits, call, x)
+      y = self._compose(module, path, hits, call, x, gate)
     if module.is_mutable_collection('params'):  # Creates the adapters this call did not run.
       for i in hits:
         t = self.targets[i]
@@ -337,7 +345,7 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
           self._bound(module, t, src, y.shape if t.position != 'input' else x.shape)
     return y
 
-  def _dynamic(self, module, path, hits, call, x):
+  def _dynamic(self, module, path, hits, call, x, gate):
     groups: dict[Any, list[int]] = {}
     for i in hits:
       t = self.targets[i]
@@ -345,15 +353,15 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
     new_x = x
     for (position, _, _), group in groups.items():
       if position == 'input':
-        new_x = new_x + self._select(module, path, group, new_x, new_x.shape)
+        new_x = new_x + gate(self._select(module, path, group, new_x, new_x.shape))
     y = call(new_x)
     for (position, _, _), group in groups.items():
       if position != 'input':
         src = y if position == 'output' else x
-        y = y + self._select(module, path, group, src, y.shape)
+        y = y + gate(self._select(module, path, group, src, y.shape))
     return y
 
-  def _compose(self, module, path, hits, call, x):
+  def _compose(self, module, path, hits, call, x, gate):
     block = self.selection
     if isinstance(block, tuple):  # ('static', i): one adapter, as a Stack of one.
       block = composition.Stack(self.model.adapters[block[1]].name)
@@ -364,7 +372,7 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
       if member not in order:
         continue
       t = self.targets[i]
-      run = functools.partial(self._bound, module, t)
+      run = lambda src, shape, t=t: gate(self._bound(module, t, src, shape))
       slots.append(composition.Slot(member=member, position=t.position, run=run))
     fusion = None
     if isinstance(block, composition.Fuse):
@@ -392,10 +400,6 @@ class MultiAdapted(inject.Adapted):
 
   def setup(self):
     super().setup()
-    if self.drop_rate:
-      raise ValueError('drop_rate (AdapterDrop during training) is not supported with named '
-                       'adapters; train each adapter on an Adapted model, or drop at inference '
-                       'with drop_lowest=k.')
     expected = tuple(dataclasses.replace(t, name=param_name(a.name, t))
                      for a in self.adapters for t in a.targets)
     if expected != self.targets:
@@ -433,13 +437,14 @@ class MultiAdapted(inject.Adapted):
   @nn.nowrap
   def with_adapter(self, adapter: NamedAdapter) -> 'MultiAdapted':
     """A new model with `adapter` added (its parameters: `init_missing`)."""
-    return adapt(self.backbone, self.adapters + (adapter,))
+    return adapt(self.backbone, self.adapters + (adapter,), drop_rate=self.drop_rate)
 
   @nn.nowrap
   def without(self, name: str) -> 'MultiAdapted':
     """A new model without adapter `name` (its parameters: `remove_params`)."""
     self.index(name)
-    return adapt(self.backbone, tuple(a for a in self.adapters if a.name != name))
+    return adapt(self.backbone, tuple(a for a in self.adapters if a.name != name),
+                 drop_rate=self.drop_rate)
 
   # Calls.
 
@@ -454,7 +459,8 @@ class MultiAdapted(inject.Adapted):
     if int(drop_lowest) != drop_lowest or drop_lowest < 0:
       raise ValueError(f'drop_lowest must be a non-negative integer; found {drop_lowest!r}.')
     common = dict(deterministic=not inject._is_train(kwargs),  # pylint: disable=protected-access
-                  prefix=tuple(str(p) for p in self.path), drop_lowest=drop_lowest)
+                  prefix=tuple(str(p) for p in self.path), drop_lowest=drop_lowest,
+                  drop_rate=self.drop_rate)
     if isinstance(selection, composition.Parallel):
       return self._parallel(method, selection, args, kwargs, head, common)
     interceptor = _Interceptor(self, selection, **common)

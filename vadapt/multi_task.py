@@ -161,10 +161,10 @@ def plan(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str,
     elif members:
       raise ValueError(f'adapters.{name}.members is an option of method=\'fusion\'; '
                        f'{name!r} is {method!r}.')
-    if view.adapter.get('drop_rate'):
-      raise ValueError(f'adapters.{name}.drop_rate={view.adapter.drop_rate}: AdapterDrop during '
-                       'training is not supported with named adapters (vadapt.multi); set it to 0 '
-                       '(at inference Parallel(..., drop_lowest=k) skips the lowest blocks).')
+    rate = view.adapter.get('drop_rate') or 0.0
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f'adapters.{name}.drop_rate={rate}: drop_rate (AdapterDrop) must be in '
+                       '[0, 1).')
     if method != FUSION:
       experiment.adapter_spec(view)  # The adapter options, checked.
     source = entry.get('dir') or None
@@ -354,7 +354,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
                               num_classes=info.num_classes, class_names=tuple(info.class_names),
                               **kwargs)
     selection = task.name
-  model = loaded.model.with_adapter(own_adapter)
+  # AdapterDrop while this task trains (the saved adapter and every evaluation run them all).
+  model = multi.adapt(loaded.backbone, loaded.model.adapters + (own_adapter,),
+                      drop_rate=c.adapter.get('drop_rate') or 0.0)
   rng = jax.random.PRNGKey(c.seed)
   params = multi.init_missing(model, loaded.params, rng, images, adapter=selection,
                              head=task.name, train=False)

@@ -66,6 +66,8 @@ TASKS = 'tasks'
 EVAL_TABLE = 'eval_tasks.json'
 # Modes that understand a multi-task config.
 MODES = ('train', 'eval', 'eval_tasks', 'export', 'predict')
+# Adapter options that change training only, not what a trained adapter computes.
+_TRAINING_ONLY = ('dropout', 'drop_rate')
 _FEATURE_MODELS = ('vit', 'dinov2') + backbones.CNN_MODELS
 
 
@@ -250,10 +252,14 @@ def load(config: ml_collections.ConfigDict, tasks: dict[str, Task], *,
     model, params = adapter_dir.add(model, params, t.source, name=t.name)
     selections[t.name] = adapter_dir.fuse_block(t.source, t.name) or t.name
     stored = adapter_dir.read_config(t.source).get('meta', {}).get('adapter')
-    if stored is not None and not t.is_fusion and stored != experiment.adapter_spec(t.config):
-      metrics_lib.log(f'Note: task {t.name!r} is loaded from {t.source}, trained with adapter '
-                      f'{stored}; config.adapters.{t.name} now says '
-                      f'{experiment.adapter_spec(t.config)} (the directory is what runs).')
+    if stored is not None and not t.is_fusion:
+      now = experiment.adapter_spec(t.config)
+      changed = [f'{k} {stored.get(k)!r} -> {now.get(k)!r}' for k in sorted(set(stored) | set(now))
+                 if k not in _TRAINING_ONLY and stored.get(k) != now.get(k)]
+      if changed:
+        metrics_lib.log(f'Note: task {t.name!r} is loaded from {t.source}, trained with other '
+                        f'adapter options than config.adapters.{t.name} now holds '
+                        f'({", ".join(changed)}); the directory is what runs.')
   return Loaded(backbone=backbone, model=model, params=params, selections=selections)
 
 

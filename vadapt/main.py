@@ -140,7 +140,7 @@ def _multi_task(config, workdir, mode):
   if mode == 'train':
     multi_task.train(config, workdir)
   elif mode == 'eval':
-    multi_task.evaluate_tasks(config, workdir, [config.task])
+    multi_task.evaluate_tasks(config, workdir, [config.get('task')])
   elif mode == 'eval_tasks':
     multi_task.evaluate_tasks(config, workdir)
   elif mode == 'export':

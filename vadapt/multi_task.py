@@ -315,7 +315,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   """The Experiment that trains task `name` (default config.task) with every trained task loaded
   and frozen; also the loaded model (the task's adapter added) and the task."""
   tasks = plan(config, workdir)
-  task = get_task(tasks, config.task if name is None else name)
+  task = get_task(tasks, config.get('task') if name is None else name)
   c = task.config
   if config.adapters[task.name].get('dir'):
     raise ValueError(f'adapters.{task.name}.dir is set: task {task.name!r} is loaded from '
@@ -533,8 +533,8 @@ def evaluate_tasks(config: ml_collections.ConfigDict, workdir: str,
   mesh = _mesh(config)
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   infos = {n: input_pipeline.get_info(tasks[n].config.input) for n in trained}
-  loaded = load(config, tasks, skip=[n for n in tasks if n not in trained and not any(
-      n in tasks[t].members for t in trained)])
+  needed = set(trained) | {m for n in trained for m in tasks[n].members}
+  loaded = load(config, tasks, skip=[n for n in tasks if n not in needed])
   model = loaded.model
   for n in trained:
     width = model.adapter(n).num_classes
@@ -702,7 +702,7 @@ def predict_cli(config: Optional[ml_collections.ConfigDict], workdir: Optional[s
     if workdir is None:
       raise ValueError(f'--workdir is required to predict with task {adapter!r} (its trained '
                        'adapters are there).')
-    name = adapter or config.task
+    name = adapter or config.get('task')
     get_task(plan(config, workdir), name, '--adapter')
     if backbone is not None:
       config = copy.deepcopy(config)

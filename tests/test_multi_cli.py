@@ -111,8 +111,14 @@ def test_fusion_layers_are_saved_and_served_like_any_adapter(trained):
   params = backbones.load_params(config.backbone, backbone, rng=jax.random.fold_in(
       jax.random.PRNGKey(config.seed), 1))
   with pytest.raises(ValueError, match=r"AdapterFusion of \['even', 'odd'\].*add \['odd'\] first"):
-    model, params = adapter_dir.add(multi.adapt(backbone, []), params, dirs[0])
-    adapter_dir.add(model, params, dirs[2])
+    model, loaded = adapter_dir.add(multi.adapt(backbone, []), params, dirs[0])
+    adapter_dir.add(model, loaded, dirs[2])
+  # --mode=export copies the set; it loads as one, the fusion with its members.
+  out = os.path.join(w, 'exported')
+  assert run_cli(argv(w, '--mode=export', f'--out={out}')) == 0
+  model, _ = adapter_dir.load_set(out, backbone, params)
+  assert model.names() == ('even', 'odd', 'fused')
+  assert run_cli(argv(w, '--mode=export', f'--out={out}')) == 2  # Nothing is overwritten.
 
 
 def test_predict_by_task_name_or_adapter_directory(trained, tmp_path, capsys):

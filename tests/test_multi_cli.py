@@ -5,6 +5,7 @@ is one line before any work."""
 
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -221,3 +222,16 @@ def test_adapter_drop_trains_named_adapters_layer_by_layer():
                                         rngs={'dropout': jax.random.key(s)})).tobytes())
              for s in range(12)}
   assert len(stacked) > 1
+
+
+def test_an_adapter_not_trained_in_the_workdir_is_not_overwritten(trained, tmp_path, capsys):
+  w, _, _ = trained
+  other = tmp_path / 'other'
+  os.makedirs(other / 'adapters')
+  shutil.copytree(os.path.join(w, 'adapters', 'even'), other / 'adapters' / 'even')
+  before = (other / 'adapters' / 'even' / 'adapter.safetensors').read_bytes()
+  assert run_cli(argv(other, '--config.task=even')) == 2
+  err = capsys.readouterr().err.strip().splitlines()[0]
+  assert 'already holds an adapter that this workdir has no checkpoints of' in err, err
+  assert (other / 'adapters' / 'even' / 'adapter.safetensors').read_bytes() == before
+  assert not os.path.exists(other / 'tasks')

@@ -55,9 +55,11 @@ def trained(tmp_path_factory):
   even = os.path.join(w, 'adapters', 'even')
   first = {'logits': outputs([even], 'even', images),
            'files': {f: open(os.path.join(even, f), 'rb').read() for f in os.listdir(even)}}
-  # odd trains with AdapterDrop (each layer's adapter left out of a step with probability 0.3).
+  # odd trains with AdapterDrop (each layer's adapter left out of a step with a probability
+  # that ramps up to 0.3).
   run_main(argv(w, '--config.task=odd', '--config.eval_all_tasks=False',
-                '--config.adapters.odd.drop_rate=0.3'))
+                '--config.adapters.odd.drop_rate=0.3',
+                '--config.adapters.odd.drop_schedule=linear'))
   run_main(argv(w, '--config.task=fused'))
   return w, images, first
 
@@ -149,7 +151,8 @@ def test_predict_by_task_name_or_adapter_directory(trained, tmp_path, capsys):
     (['--mode=predict', '--adapter=nope', '--images=x.png'],
      "--adapter='nope' is not a task of config.adapters"),
     (['--config.task=fused'], "Task 'fused' fuses ['even', 'odd']; train ['even', 'odd'] first"),
-    (['--config.adapters.odd.drop_rate=1.5'], 'drop_rate (AdapterDrop) must be in [0, 1)'),
+    (['--config.adapters.odd.drop_rate=1.5'],
+     'adapters.odd: drop_rate (AdapterDrop) must be in [0, 1)'),
     (['--config.adapters.odd.members=("even",)'], "members is an option of method='fusion'"),
     (['--config.adapters.odd.method=vpt_deep'], 'a named adapter is one of houlsby'),
     (['--config.adapters.even.dir=/no/such/dir'], "adapter config not found: '/no/such/dir/"),
@@ -222,6 +225,16 @@ def test_adapter_drop_trains_named_adapters_layer_by_layer():
                                         rngs={'dropout': jax.random.key(s)})).tobytes())
              for s in range(12)}
   assert len(stacked) > 1
+  # A linear schedule: no drop at step 0 (the rate ramps from 0), the full rate from step 4 on.
+  ramp = multi.adapt(Blocks(), adapters, drop_rate=0.5, drop_schedule='linear', drop_ramp_steps=4)
+  ramped = jax.jit(lambda p, seed, step: ramp.apply(
+      {'params': p}, x, adapter=index, train=True, adapter_step=step,
+      rngs={'dropout': jax.random.key(seed)}))
+  assert all(np.array_equal(ramped(params, seed, 0), kept) for seed in range(6))
+  np.testing.assert_array_equal(ramped(params, 3, 4), run(params, index, 3, train=True))
+  with pytest.raises(ValueError, match='call the model with adapter_step'):
+    ramp.apply({'params': params}, x, adapter=index, train=True,
+               rngs={'dropout': jax.random.key(0)})
 
 
 def test_an_adapter_not_trained_in_the_workdir_is_not_overwritten(trained, tmp_path, capsys):

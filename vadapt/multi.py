@@ -118,10 +118,11 @@ def named(backbone: nn.Module, name: str, method: str = 'houlsby', *,
                       class_names=tuple(class_names))
 
 
-def adapt(backbone: nn.Module, adapters: Iterable[NamedAdapter], *,
-          drop_rate: float = 0.0) -> 'MultiAdapted':
-  """`backbone` holding every adapter of `adapters` (names must be unique); `drop_rate`:
-  AdapterDrop during training (see the module docstring)."""
+def adapt(backbone: nn.Module, adapters: Iterable[NamedAdapter], *, drop_rate: float = 0.0,
+          drop_schedule: str = 'constant', drop_ramp_steps: int = 0) -> 'MultiAdapted':
+  """`backbone` holding every adapter of `adapters` (names must be unique); `drop_rate`,
+  `drop_schedule`, `drop_ramp_steps`: AdapterDrop during training, as in vadapt.inject.Adapted
+  (a scheduled rate needs adapter_step= with training calls)."""
   adapters = tuple(adapters)
   bad = [a for a in adapters if not isinstance(a, NamedAdapter)]
   if bad:
@@ -133,7 +134,8 @@ def adapt(backbone: nn.Module, adapters: Iterable[NamedAdapter], *,
                      'name.')
   targets = tuple(dataclasses.replace(t, name=param_name(a.name, t))
                   for a in adapters for t in a.targets)
-  return MultiAdapted(backbone=backbone, targets=targets, adapters=adapters, drop_rate=drop_rate)
+  return MultiAdapted(backbone=backbone, targets=targets, adapters=adapters, drop_rate=drop_rate,
+                      drop_schedule=drop_schedule, drop_ramp_steps=drop_ramp_steps)
 
 
 class _Head(nn.Module):
@@ -200,8 +202,8 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
 
   def __init__(self, model: 'MultiAdapted', selection, *, deterministic: bool,
                prefix: tuple[str, ...], drop_lowest: int = 0, replicate_at: Optional[str] = None,
-               copies: Optional[np.ndarray] = None, drop_rate: float = 0.0):
-    super().__init__(model.targets, deterministic, prefix, drop_rate=drop_rate)
+               copies: Optional[np.ndarray] = None, drop_rate: float = 0.0, rate_now: Any = None):
+    super().__init__(model.targets, deterministic, prefix, drop_rate=drop_rate, rate_now=rate_now)
     self.model = model
     self.owner = [i for i, a in enumerate(model.adapters) for _ in a.targets]
     self.base_name = [t.name for a in model.adapters for t in a.targets]
@@ -437,14 +439,18 @@ class MultiAdapted(inject.Adapted):
   @nn.nowrap
   def with_adapter(self, adapter: NamedAdapter) -> 'MultiAdapted':
     """A new model with `adapter` added (its parameters: `init_missing`)."""
-    return adapt(self.backbone, self.adapters + (adapter,), drop_rate=self.drop_rate)
+    return adapt(self.backbone, self.adapters + (adapter,), **self._drop())
 
   @nn.nowrap
   def without(self, name: str) -> 'MultiAdapted':
     """A new model without adapter `name` (its parameters: `remove_params`)."""
     self.index(name)
-    return adapt(self.backbone, tuple(a for a in self.adapters if a.name != name),
-                 drop_rate=self.drop_rate)
+    return adapt(self.backbone, tuple(a for a in self.adapters if a.name != name), **self._drop())
+
+  @nn.nowrap
+  def _drop(self) -> dict[str, Any]:
+    return dict(drop_rate=self.drop_rate, drop_schedule=self.drop_schedule,
+                drop_ramp_steps=self.drop_ramp_steps)
 
   # Calls.
 
@@ -454,13 +460,21 @@ class MultiAdapted(inject.Adapted):
                             drop_lowest=drop_lowest, **kwargs)
 
   def call_method(self, method: str, *args, adapter=None, head=_UNSET, drop_lowest: int = 0,
-                  **kwargs):
+                  adapter_step: Any = None, **kwargs):
     selection = self._selection(adapter)
     if int(drop_lowest) != drop_lowest or drop_lowest < 0:
       raise ValueError(f'drop_lowest must be a non-negative integer; found {drop_lowest!r}.')
-    common = dict(deterministic=not inject._is_train(kwargs),  # pylint: disable=protected-access
-                  prefix=tuple(str(p) for p in self.path), drop_lowest=drop_lowest,
-                  drop_rate=self.drop_rate)
+    train = inject._is_train(kwargs)  # pylint: disable=protected-access
+    rate_now = None
+    if train and self.drop_schedule != 'constant':
+      if adapter_step is None:
+        raise ValueError(f'drop_schedule={self.drop_schedule!r} sets the AdapterDrop rate from the '
+                         'training step: call the model with adapter_step=<step> (vadapt.train '
+                         'does), or use drop_schedule=\'constant\'.')
+      rate_now = inject.drop_rate_at(self.drop_rate, self.drop_schedule, self.drop_ramp_steps,
+                                     adapter_step)
+    common = dict(deterministic=not train, prefix=tuple(str(p) for p in self.path),
+                  drop_lowest=drop_lowest, drop_rate=self.drop_rate, rate_now=rate_now)
     if isinstance(selection, composition.Parallel):
       return self._parallel(method, selection, args, kwargs, head, common)
     interceptor = _Interceptor(self, selection, **common)

@@ -46,6 +46,7 @@ from vadapt import checkpoint as ckpt_lib
 from vadapt import composition
 from vadapt import experiment
 from vadapt import files
+from vadapt import inject
 from vadapt import metrics as metrics_lib
 from vadapt import multi
 from vadapt import partition
@@ -67,7 +68,7 @@ EVAL_TABLE = 'eval_tasks.json'
 # Modes that understand a multi-task config.
 MODES = ('train', 'eval', 'eval_tasks', 'export', 'predict')
 # Adapter options that change training only, not what a trained adapter computes.
-_TRAINING_ONLY = ('dropout', 'drop_rate')
+_TRAINING_ONLY = ('dropout', 'drop_rate', 'drop_schedule', 'drop_ramp_steps')
 _FEATURE_MODELS = ('vit', 'dinov2') + backbones.CNN_MODELS
 
 
@@ -163,10 +164,10 @@ def plan(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str,
     elif members:
       raise ValueError(f'adapters.{name}.members is an option of method=\'fusion\'; '
                        f'{name!r} is {method!r}.')
-    rate = view.adapter.get('drop_rate') or 0.0
-    if not 0.0 <= rate < 1.0:
-      raise ValueError(f'adapters.{name}.drop_rate={rate}: drop_rate (AdapterDrop) must be in '
-                       '[0, 1).')
+    try:
+      inject.check_drop(**_drop(view))
+    except ValueError as e:
+      raise ValueError(f'adapters.{name}: {e}') from None
     if method != FUSION:
       experiment.adapter_spec(view)  # The adapter options, checked.
     source = entry.get('dir') or None
@@ -178,6 +179,15 @@ def plan(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str,
       source = own if os.path.isfile(os.path.join(own, adapter_dir.CONFIG)) else None
     tasks[name] = Task(name=name, config=view, method=method, members=members, source=source)
   return dict(sorted(tasks.items(), key=lambda kv: kv[1].is_fusion))
+
+
+def _drop(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """A task's AdapterDrop settings; a linear ramp of unset length spans the whole run."""
+  schedule = c.adapter.get('drop_schedule') or 'constant'
+  ramp = c.adapter.get('drop_ramp_steps') or 0
+  if schedule != 'constant' and not ramp:
+    ramp = c.total_steps
+  return dict(rate=c.adapter.get('drop_rate') or 0.0, schedule=schedule, ramp_steps=ramp)
 
 
 def get_task(tasks: dict[str, Task], name: Optional[str], what: str = 'config.task') -> Task:
@@ -279,6 +289,11 @@ class TaskModel(nn.Module):
   def setup(self):
     nn.share_scope(self, self.model)
 
+  @property
+  def drop_schedule(self) -> str:
+    """The AdapterDrop schedule (the trainer passes adapter_step= unless 'constant')."""
+    return self.model.drop_schedule
+
   def __call__(self, *args, **kwargs):
     return self.model(*args, adapter=self.adapter, head=self.head, **kwargs)
 
@@ -355,14 +370,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
     spec = experiment.adapter_spec(c)
     experiment.check_layers(spec, loaded.backbone, images)
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()
-              if k not in ('method', 'drop_rate')}
+              if k != 'method' and k not in _TRAINING_ONLY[1:]}
     own_adapter = multi.named(loaded.backbone, task.name, spec['method'],
                               num_classes=info.num_classes, class_names=tuple(info.class_names),
                               **kwargs)
     selection = task.name
   # AdapterDrop while this task trains (the saved adapter and every evaluation run them all).
+  drop = _drop(c)
   model = multi.adapt(loaded.backbone, loaded.model.adapters + (own_adapter,),
-                      drop_rate=c.adapter.get('drop_rate') or 0.0)
+                      drop_rate=drop['rate'], drop_schedule=drop['schedule'],
+                      drop_ramp_steps=drop['ramp_steps'])
   rng = jax.random.PRNGKey(c.seed)
   params = multi.init_missing(model, loaded.params, rng, images, adapter=selection,
                              head=task.name, train=False)

@@ -63,11 +63,17 @@ def test_every_config_loads_and_documents_its_launch_command(name):
   assert f'python -m vadapt.main --config=configs/{name}' in module.__doc__
   full, test = module.get_config(), module.get_config('test')
   assert full.total_steps > test.total_steps
-  if full.get('compare') and full.compare.get('artifacts'):
+  real = (full.get('compare') or full.get('study') or {}).get('artifacts')
+  if real:
     # A config about real weights and data (vadapt.artifacts): `test` shrinks the run, not them.
     assert (test.backbone.checkpoint, test.input.source) == (full.backbone.checkpoint,
                                                             full.input.source)
-    assert test.backbone.image_size < full.backbone.image_size
+    if full.get('study'):  # Fewer methods, seeds and examples.
+      assert len(test.study.methods) * len(test.study.seeds) < (
+          len(full.study.methods) * len(full.study.seeds))
+      assert test.study.train_examples < full.study.train_examples
+    else:
+      assert test.backbone.image_size < full.backbone.image_size
   else:
     if full.backbone.model in ('efficientnet_lite', 'resnet'):  # A tiny random CNN.
       assert test.backbone.overrides and not test.backbone.checkpoint

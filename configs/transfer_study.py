@@ -35,20 +35,21 @@ METHODS = ('linear', 'bitfit', 'vpt_shallow', 'vpt_deep', 'lora', 'dora', 'ia3',
            'houlsby', 'pfeiffer', 'parallel', 'full')
 
 # Each method's learning-rate grid (AdamW, cosine): the head on frozen features and the vector
-# methods take large steps, the adapters and LoRA moderate ones, full fine-tuning small ones.
+# methods take large steps, the adapters and LoRA moderate ones, full fine-tuning small ones. Each
+# grid reaches one step (about 3x) past the rate first chosen at its edge on the CPU default.
 LEARNING_RATES = {
-    'linear': (3e-3, 1e-2, 3e-2),
-    'bitfit': (1e-3, 3e-3, 1e-2),
-    'vpt_shallow': (3e-3, 1e-2),
-    'vpt_deep': (3e-3, 1e-2),
-    'lora': (1e-3, 3e-3),
-    'dora': (1e-3, 3e-3),
-    'ia3': (3e-3, 1e-2),
-    'ssf': (3e-3, 1e-2),
-    'houlsby': (1e-3, 3e-3),
-    'pfeiffer': (1e-3, 3e-3),
-    'parallel': (1e-3, 3e-3),
-    'full': (3e-5, 1e-4),
+    'linear': (3e-3, 1e-2, 3e-2, 1e-1),
+    'bitfit': (1e-3, 3e-3, 1e-2, 3e-2),
+    'vpt_shallow': (3e-3, 1e-2, 3e-2),
+    'vpt_deep': (3e-3, 1e-2, 3e-2),
+    'lora': (1e-3, 3e-3, 1e-2),
+    'dora': (1e-3, 3e-3, 1e-2),
+    'ia3': (1e-3, 3e-3, 1e-2),
+    'ssf': (3e-3, 1e-2, 3e-2),
+    'houlsby': (1e-3, 3e-3, 1e-2),
+    'pfeiffer': (1e-3, 3e-3, 1e-2),
+    'parallel': (1e-3, 3e-3, 1e-2),
+    'full': (1e-5, 3e-5, 1e-4),
 }
 
 

@@ -60,7 +60,11 @@ def test_aggregation_of_hand_made_results(tmp_path):
   table = study.format_markdown(s, meta)
   assert '| linear | 72.0 ± 2.0 | 10 | 0.010% | 0.03 | 5.0 | 80 | 3,072.0 MiB |' in table
   assert '| houlsby | 85.0 ± 0.0 | 1,000 | 1.000% | 0.001 |' in table
-  assert '| linear | 0.01: 70.0, 0.03: 75.0 ←, 0.1: 75.0 |' in table
+  assert '| linear | 0.01: 70.0, 0.03: 75.0 ←, 0.1: 75.0 |  |' in table  # Inside its grid.
+  assert '| houlsby | 0.001: 80.0 ← |  |' in table and 'edge of' not in table
+  edge = study.format_markdown(study.summarize(HAND_MADE[1:]), meta)
+  assert '| linear | 0.03: 75.0 ←, 0.1: 75.0 | edge of the grid |' in edge
+  assert '1 of 2 methods chose a rate at an edge' in edge
   assert '| linear | 55.0 ± 7.1 | 72.0 ± 2.0 |' in table
   assert table.index('| linear |') < table.index('| houlsby |')  # Ordered by share.
   paths = study.plot(s, str(tmp_path), 'T')

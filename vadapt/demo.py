@@ -57,6 +57,7 @@ class Row:
     peak_bytes: peak memory when the run ended (metrics.peak_memory: the accelerator's peak,
       else the process's peak resident set, which spans every run made in that process).
     peak_kind: what peak_bytes measures.
+    device: the kind of device it trained on.
   """
   method: str
   accuracy: float
@@ -72,6 +73,7 @@ class Row:
   img_per_sec: float = 0.0
   peak_bytes: int = 0
   peak_kind: str = ''
+  device: str = ''
 
 
 def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
@@ -99,17 +101,30 @@ def _config_json(config: ml_collections.ConfigDict) -> Any:
   return json.loads(config.to_json_best_effort())
 
 
+def finished_row(config: ml_collections.ConfigDict, workdir: str) -> Optional[Row]:
+  """The row of a run of `config` that finished in `workdir`, None if none did.
+
+  Raises:
+    ValueError: workdir holds a finished run of another config.
+  """
+  result_path = os.path.join(workdir, RESULT_FILE)
+  if not os.path.exists(result_path):
+    return None
+  with open(result_path) as f:
+    stored = json.load(f)
+  if stored.get('config') != _config_json(config):
+    raise ValueError(f'{result_path} holds a result of another config; use a fresh workdir or '
+                     'delete it to train again.')
+  metrics_lib.log(f'{config.adapter.method}: reusing the finished run in {workdir}.')
+  return Row(**stored['row'])
+
+
 def run_method(config: ml_collections.ConfigDict, workdir: str, backbone_size: int) -> Row:
   """Trains one method in `workdir` (or reuses its finished result) and returns its row."""
+  row = finished_row(config, workdir)
+  if row is not None:
+    return row
   result_path = os.path.join(workdir, RESULT_FILE)
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      stored = json.load(f)
-    if stored.get('config') != _config_json(config):
-      raise ValueError(f'{result_path} holds a result of another config; use a fresh workdir or '
-                       'delete it to train again.')
-    metrics_lib.log(f'{config.adapter.method}: reusing the finished run in {workdir}.')
-    return Row(**stored['row'])
   start = time.perf_counter()
   result = train.train_and_evaluate(config, workdir, export=False)
   seconds = time.perf_counter() - start
@@ -123,7 +138,8 @@ def run_method(config: ml_collections.ConfigDict, workdir: str, backbone_size: i
             delta_bytes=train.dir_bytes(delta_dir), backbone_bytes=backbone_size,
             train_seconds=round(result.metrics.get('train/run_seconds', 0.0), 2),
             img_per_sec=round(result.metrics.get('train/run_img_per_sec', 0.0), 2),
-            **dict(zip(('peak_bytes', 'peak_kind'), metrics_lib.peak_memory())))
+            **dict(zip(('peak_bytes', 'peak_kind'), metrics_lib.peak_memory())),
+            device=jax.devices()[0].device_kind)
   if jax.process_index() == 0:
     tmp = result_path + '.tmp'
     with open(tmp, 'w') as f:

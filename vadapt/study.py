@@ -12,8 +12,9 @@ The protocol is VTAB-1k's, on the config's data (`config.study`):
   3. sweep: `study.sweep_methods` on the first n of each of `study.sweep_sizes` examples, every
      seed, at the rate chosen in 1 (a size equal to `train_examples` reuses the final runs).
 
-Each run is a normal training run (vadapt.train) in its own workdir, WORKDIR/<phase>/<method>/...;
-a finished run's result.json is reused, so a stopped study continues where it stopped. With
+Each run is a normal training run (vadapt.train) in its own workdir, WORKDIR/<phase>/<method>/...
+(the rate in the path); a finished run's result.json is reused, so a stopped study continues where
+it stopped, and a widened grid trains only the new rates and what they change. With
 `study.isolate` each run trains in a fresh process, so that its peak memory is its own.
 
 Written to WORKDIR: study.json (every run, the chosen rates and the aggregates), study.md (the
@@ -117,12 +118,13 @@ def test_runs(config: ml_collections.ConfigDict, rates: Mapping[str, float]) -> 
   """The final runs, then the sweep's (a sweep size equal to train_examples is a final run)."""
   s = config.study
   runs = [Run('final', m, seed, s.train_examples, rates[m],
-              os.path.join('final', m, f'seed{seed}'))
+              os.path.join('final', m, _lr_name(rates[m]), f'seed{seed}'))
           for m in s.methods for seed in s.seeds]
   for m in s.sweep_methods or ():
     for n in s.sweep_sizes:
       if n != s.train_examples:
-        runs += [Run('sweep', m, seed, n, rates[m], os.path.join('sweep', m, f'n{n}', f'seed{seed}'))
+        runs += [Run('sweep', m, seed, n, rates[m],
+                     os.path.join('sweep', m, f'n{n}', _lr_name(rates[m]), f'seed{seed}'))
                  for seed in s.seeds]
   return runs
 
@@ -151,13 +153,11 @@ def run_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.Co
 
 
 def _train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or reuses) one run; its row and the device it ran on (called in the worker)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """Trains one run and returns its row (called in the worker process with `isolate`)."""
   from vadapt import demo  # pylint: disable=g-import-not-at-top
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   size = demo.backbone_bytes(config, input_pipeline.get_info(config.input).num_classes)
-  row = demo.run_method(config, workdir, size)
-  return {**dataclasses.asdict(row), 'device': jax.devices()[0].device_kind}
+  return dataclasses.asdict(demo.run_method(config, workdir, size))
 
 
 def _execute(config: ml_collections.ConfigDict, runs: Sequence[Run], workdir: str,
@@ -170,7 +170,11 @@ def _execute(config: ml_collections.ConfigDict, runs: Sequence[Run], workdir: st
     metrics_lib.log(f'=== study run {i + 1}/{len(runs)}: {run.phase} {run.method} seed {run.seed} '
                     f'on {run.train_examples:,} examples at lr {run.learning_rate:g} '
                     f'({run.workdir}) ===')
-    if isolate:  # A fresh process per run: its peak memory is its own, and nothing leaks across.
+    from vadapt import demo  # pylint: disable=g-import-not-at-top
+    done = demo.finished_row(c, path)  # Reused without starting a process.
+    if done is not None:
+      row = dataclasses.asdict(done)
+    elif isolate:  # A fresh process per run: its peak memory is its own, and nothing leaks across.
       with concurrent.futures.ProcessPoolExecutor(
           max_workers=1, mp_context=multiprocessing.get_context('spawn')) as pool:
         row = pool.submit(_train_one, c, path).result()
@@ -276,11 +280,18 @@ def format_markdown(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
               f'or evaluation). Peak memory: {r["peak_kind"]}.']
   if summary['selection']:
     lines += ['', '## Learning-rate selection (validation accuracy, %; ← chosen)', '',
-              '| method | rate: accuracy |', '|---|---|']
+              '| method | rate: accuracy | |', '|---|---|---|']
+    edges = []
     for m, pairs in summary['selection'].items():
       cells = ', '.join(f'{lr:g}: {100 * acc:.1f}' + (' ←' if lr == summary['rates'][m] else '')
                         for lr, acc in pairs)
-      lines.append(f'| {m} | {cells} |')
+      grid = sorted(lr for lr, _ in pairs)
+      edge = len(grid) > 1 and summary['rates'][m] in (grid[0], grid[-1])
+      edges += [m] if edge else []
+      lines.append(f'| {m} | {cells} | {"edge of the grid" if edge else ""} |')
+    if edges:
+      lines += ['', f'{len(edges)} of {len(summary["selection"])} methods chose a rate at an edge '
+                'of their grid: a rate beyond it may do better (widen the grid to know).']
   if summary['sweep']:
     sizes = sorted({n for rows in summary['sweep'].values() for n, *_ in rows})
     lines += ['', '## Data-size sweep (test accuracy, %)', '',
@@ -375,7 +386,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   summary = summarize(records)
   title, protocol = describe(config)
   meta = {'title': title, 'protocol': protocol, 'machine': machine(),
-          'device': records[-1].get('device', '?'), 'runs': len(records),
+          'device': next((r['device'] for r in records if r.get('device')), 'not recorded'),
+          'runs': len(records),
           'run_seconds': round(sum(r['seconds'] for r in records), 1),
           'wall_seconds_this_invocation': round(time.perf_counter() - start, 1)}
   table = format_markdown(summary, meta)

@@ -79,3 +79,22 @@ def test_pretrained_features_beat_random_init_features_by_10_points():
   print(f'linear probe on 100 examples at 84 px: DINOv2 {acc_pretrained:.3f}, '
         f'random init {acc_random:.3f}')
   assert acc_pretrained >= acc_random + 0.10
+
+
+def test_a_short_adapter_run_beats_the_linear_probe_at_the_same_budget(tmp_path):
+  # The transfer study's setting (configs/transfer_study.py: 28 px, the first 1,000 training
+  # examples, 100 steps of batch 32, each method at the rate it chose on validation), seed 0, on
+  # the first 2,000 test images. On all 10,000, over seeds 0-2, Houlsby led the probe by 4.5, 3.8
+  # and 5.2 points (71.6 +- 1.5 against 67.1 +- 1.4).
+  from vadapt import train  # pylint: disable=g-import-not-at-top
+  accuracy = {}
+  for method, lr in (('linear', 3e-2), ('houlsby', 3e-3)):
+    c = dinov2_fashion_mnist.get_config(f'method={method},size=28,train=1000,steps=100')
+    with c.unlocked():
+      c.optimizer.learning_rate = lr
+      c.input.eval_split = 'test[:2000]'
+      c.eval_batch_size = 500
+    result = train.train_and_evaluate(c, str(tmp_path / method), export=False)
+    accuracy[method] = result.metrics['eval/accuracy']
+  print(f'28 px, 1,000 examples, 100 steps: {accuracy}')
+  assert accuracy['houlsby'] >= accuracy['linear'] + 0.02

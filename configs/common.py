@@ -146,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.momentum = 0.9  # SGD only.
+  # (regex, factor) pairs over parameter paths: a matching parameter's learning rate times the
+  # factor (big_vision's lr_mults; first match wins), e.g. (('^head/', 10.0),) for a faster head.
+  c.optimizer.lr_mults = ()
   c.schedule = ml_collections.ConfigDict()
   c.schedule.warmup_steps = 100
   c.schedule.decay = 'cosine'  # 'cosine' | 'constant'.

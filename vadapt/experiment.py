@@ -208,6 +208,8 @@ def make_optimizer(config: ml_collections.ConfigDict, delta_labels: Any,
                                                **{label: base() for label in trainable}})
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if opt.get('lr_mults'):  # Only then, so runs without it keep their optimizer state's layout.
+    tx = optax.chain(tx, partition.scale_by_path(tuple(opt.lr_mults), delta_labels))
   return tx
 
 

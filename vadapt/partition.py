@@ -154,6 +154,47 @@ def _path_str(key_path) -> str:
   return '/'.join(parts)
 
 
+def scale_by_path(rules: Sequence[tuple[str, float]], labels: Mapping[str, Any]
+                  ) -> optax.GradientTransformation:
+  """Multiplies the updates of parameters whose path matches a rule's regex by its factor.
+
+  big_vision's `lr_mults`: after the optimizer, so for SGD and AdamW (decoupled weight decay
+  included) a factor m is that parameter's learning rate times m. The first matching rule wins;
+  only trainable leaves (label other than 'frozen' in `labels`) count.
+
+  Raises:
+    ValueError: a rule that is not a valid regex, a factor that is not positive, or a rule that
+      matches no trainable parameter (checked here, before any step).
+  """
+  compiled = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f'lr_mults entries are (regex, factor) pairs; found {rule!r}.')
+    pattern, factor = rule
+    try:
+      compiled.append((re.compile(pattern), float(factor)))
+    except re.error as e:
+      raise ValueError(f'lr_mults pattern {pattern!r} is not a valid regex: {e}.') from None
+    if not float(factor) > 0:
+      raise ValueError(f'lr_mults factor for {pattern!r} must be positive; found {factor!r}.')
+  trainable = [p for p, label in _flat(labels).items() if label != FROZEN]
+  for regex, _ in compiled:
+    if not any(regex.search(p) for p in trainable):
+      raise ValueError(f'lr_mults pattern {regex.pattern!r} matches no trainable parameter '
+                       f'(e.g. {", ".join(trainable[:3]) or "none"}).')
+
+  def factor_of(path: str) -> float:
+    return next((m for regex, m in compiled if regex.search(path)), 1.0)
+
+  def update_fn(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda kp, u: u if u is None else u * factor_of(_path_str(kp)), updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(labels: Mapping[str, Any],
                    transforms: Mapping[str, optax.GradientTransformation]
                    ) -> optax.GradientTransformation:

@@ -148,7 +148,7 @@ class Encoder1DBlock(nn.Module):
     causal: apply a causal attention mask (CLIP's text tower).
     dropout_rate: dropout after attention and in the MLP.
     attention_dropout_rate: dropout on attention weights.
-    dtype: compute dtype.
+    dtype: compute dtype (matmuls); the attention softmax runs in float32 whatever it is.
     param_dtype: parameter dtype.
   """
   mlp_dim: int
@@ -173,7 +173,8 @@ class Encoder1DBlock(nn.Module):
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), broadcast_dropout=False,
-        dropout_rate=self.attention_dropout_rate, name='MultiHeadDotProductAttention_0',
+        dropout_rate=self.attention_dropout_rate, force_fp32_for_softmax=True,
+        name='MultiHeadDotProductAttention_0',
     )(x, x, mask=mask, deterministic=deterministic)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     if self.layer_scale_init is not None:
@@ -439,7 +440,8 @@ class MAPHead(nn.Module):
     probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name='MultiHeadDotProductAttention_0',
+        kernel_init=nn.initializers.xavier_uniform(), force_fp32_for_softmax=True,
+        name='MultiHeadDotProductAttention_0',
     )(probe, x)
     y = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='LayerNorm_0')(x)

@@ -107,8 +107,10 @@ def _phases(args):
       'loss + grad (delta)': (grad, (delta, frozen, batch)),
       'optimizer update': (jax.jit(lambda g, o, d: optax.apply_updates(d, tx.update(g, o, d)[0])),
                            (grads, opt_state, delta)),
+      # Its own copies: the step donates them, and the other phases read the originals.
       'train step': (jax.jit(step, donate_argnums=(0, 1)),
-                     (delta, opt_state, frozen, batch, 0)),
+                     (jax.tree.map(jnp.copy, delta), jax.tree.map(jnp.copy, opt_state), frozen,
+                      batch, 0)),
   }
 
 

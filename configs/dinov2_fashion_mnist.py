@@ -39,6 +39,10 @@ from vadapt import artifacts
 # features survive the first steps.
 LEARNING_RATES = {'linear': 1e-2, 'houlsby': 1e-3, 'pfeiffer': 1e-3, 'parallel': 1e-3,
                   'parallel_attn': 1e-3, 'full': 1e-4}
+# Full fine-tuning's zero-initialised head at the probe's rate (optimizer.lr_mults): at one rate
+# for every parameter it trains a hundred times slower than the probe's head and, in 100 steps,
+# ends far below the probe (the transfer study: 56.6% against 67.1%; 71.8% with the head's rate).
+LR_MULTS = {'full': (('^head/', 100.0),)}
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -63,6 +67,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.adapter.bottleneck = 32
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = LEARNING_RATES[arg.method]
+  c.optimizer.lr_mults = LR_MULTS.get(arg.method, ())
   c.optimizer.weight_decay = 1e-4
   c.schedule.warmup_steps = 20
   c.schedule.decay = 'cosine'
@@ -81,6 +86,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.compare = ml_collections.ConfigDict()
   c.compare.methods = ('linear', 'houlsby', 'full')
   c.compare.learning_rates = ml_collections.ConfigDict(LEARNING_RATES)
+  c.compare.lr_mults = ml_collections.ConfigDict(LR_MULTS)
   # Fetched first (once; vadapt.artifacts); where that fails, the fallback config trains instead.
   c.compare.artifacts = ('dinov2_s14_onnx', 'fashion_mnist')
   c.compare.fallback = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digits_demo.py')

@@ -65,3 +65,14 @@ def test_without_the_artifacts_the_fallback_runs_after_one_line(tmp_path, capsys
   assert os.path.isdir(tmp_path / 'vit_b16_adapter' / 'checkpoints')
   with pytest.raises(artifacts.ArtifactError, match='no network'):
     demo.compare(tiny_config(artifacts=('dinov2_s14_onnx',)), str(tmp_path))
+
+
+def test_each_method_gets_its_own_rate_and_lr_mults():
+  from configs import dinov2_fashion_mnist  # pylint: disable=g-import-not-at-top
+  c = dinov2_fashion_mnist.get_config()
+  full, houlsby = demo.method_config(c, 'full'), demo.method_config(c, 'houlsby')
+  assert full.optimizer.learning_rate == 1e-4 and houlsby.optimizer.learning_rate == 1e-3
+  assert tuple(full.optimizer.lr_mults) == (('^head/', 100.0),)  # The head at the probe's rate.
+  assert tuple(houlsby.optimizer.lr_mults) == ()
+  single = dinov2_fashion_mnist.get_config('method=full')  # One run: the same settings.
+  assert tuple(single.optimizer.lr_mults) == tuple(full.optimizer.lr_mults)

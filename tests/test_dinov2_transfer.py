@@ -94,6 +94,7 @@ def test_a_short_adapter_run_beats_the_linear_probe_at_the_same_budget(tmp_path)
       c.optimizer.learning_rate = lr
       c.input.eval_split = 'test[:2000]'
       c.eval_batch_size = 500
+      c.mesh.num_devices = 1  # One device, as the study ran (the suite simulates eight).
     result = train.train_and_evaluate(c, str(tmp_path / method), export=False)
     accuracy[method] = result.metrics['eval/accuracy']
   print(f'28 px, 1,000 examples, 100 steps: {accuracy}')

@@ -77,13 +77,17 @@ class Row:
 
 
 def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """`config` with adapter.method=method at that method's learning rate."""
+  """`config` with adapter.method=method at that method's learning rate (and lr_mults)."""
   c = copy.deepcopy(config)
-  rates = (config.get('compare') or {}).get('learning_rates') or {}
+  settings = config.get('compare') or {}
+  rates = settings.get('learning_rates') or {}
+  mults = settings.get('lr_mults') or {}
   with c.unlocked():
     c.adapter.method = method
     if method in rates:
       c.optimizer.learning_rate = float(rates[method])
+    if method in mults:
+      c.optimizer.lr_mults = tuple(tuple(rule) for rule in mults[method])
   return c
 
 

@@ -33,7 +33,7 @@ import multiprocessing
 import os
 import platform
 import time
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 

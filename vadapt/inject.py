@@ -94,6 +94,22 @@ def drop_rate_at(rate: float, schedule: str, ramp_steps: int, step) -> jax.Array
   return jnp.float32(rate) * progress
 
 
+def scheduled_drop_rate(rate: float, schedule: str, ramp_steps: int, step: Any,
+                        train: bool) -> Optional[jax.Array]:
+  """The rate a scheduled AdapterDrop uses in this call; None for a constant rate or inference.
+
+  Raises:
+    ValueError: a scheduled rate in training without the step (`adapter_step=`).
+  """
+  if not train or schedule == 'constant':
+    return None
+  if step is None:
+    raise ValueError(f'drop_schedule={schedule!r} sets the AdapterDrop rate from the training '
+                     'step: call the model with adapter_step=<step> (vadapt.train does), or use '
+                     "drop_schedule='constant'.")
+  return drop_rate_at(rate, schedule, ramp_steps, step)
+
+
 class AdapterConfig(Protocol):
   """What a Target needs from an adapter description (see vadapt.adapters)."""
 
@@ -370,14 +386,8 @@ class Adapted(nn.Module):
     rate; it is not passed on to the backbone.
     """
     train = _is_train(kwargs)
-    rate_now = None
-    if train and self.drop_schedule != 'constant':
-      if adapter_step is None:
-        raise ValueError(f'drop_schedule={self.drop_schedule!r} sets the AdapterDrop rate from the '
-                         'training step: call the model with adapter_step=<step> (vadapt.train '
-                         'does), or use drop_schedule=\'constant\'.')
-      rate_now = drop_rate_at(self.drop_rate, self.drop_schedule, self.drop_ramp_steps,
-                              adapter_step)
+    rate_now = scheduled_drop_rate(self.drop_rate, self.drop_schedule, self.drop_ramp_steps,
+                                   adapter_step, train)
     interceptor = _Interceptor(self.targets, deterministic=not train,
                                prefix=tuple(str(p) for p in self.path), drop_rate=self.drop_rate,
                                rate_now=rate_now)

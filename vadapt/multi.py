@@ -465,14 +465,8 @@ class MultiAdapted(inject.Adapted):
     if int(drop_lowest) != drop_lowest or drop_lowest < 0:
       raise ValueError(f'drop_lowest must be a non-negative integer; found {drop_lowest!r}.')
     train = inject._is_train(kwargs)  # pylint: disable=protected-access
-    rate_now = None
-    if train and self.drop_schedule != 'constant':
-      if adapter_step is None:
-        raise ValueError(f'drop_schedule={self.drop_schedule!r} sets the AdapterDrop rate from the '
-                         'training step: call the model with adapter_step=<step> (vadapt.train '
-                         'does), or use drop_schedule=\'constant\'.')
-      rate_now = inject.drop_rate_at(self.drop_rate, self.drop_schedule, self.drop_ramp_steps,
-                                     adapter_step)
+    rate_now = inject.scheduled_drop_rate(self.drop_rate, self.drop_schedule,
+                                          self.drop_ramp_steps, adapter_step, train)
     common = dict(deterministic=not train, prefix=tuple(str(p) for p in self.path),
                   drop_lowest=drop_lowest, drop_rate=self.drop_rate, rate_now=rate_now)
     if isinstance(selection, composition.Parallel):

@@ -300,14 +300,19 @@ def check_layers(spec: dict[str, Any], backbone: nn.Module, images: jax.Array) -
         f'have: it has {len(present)} blocks, indices 0-{max(present)}.')
 
 
-def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Experiment:
+def make_mesh(config: ml_collections.ConfigDict):
+  """The device Mesh of config.mesh (the first mesh.num_devices devices; -1: all)."""
   devices = jax.devices()
   n = config.mesh.get('num_devices', -1)
   if n != -1:
     if not 1 <= n <= len(devices):
       raise ValueError(f'mesh.num_devices={n} but {len(devices)} devices are available.')
     devices = devices[:n]
-  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  return sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+
+
+def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Experiment:
+  mesh = make_mesh(config)
   check_config(config, mesh)
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   info = input_pipeline.get_info(config.input)

@@ -197,16 +197,6 @@ def get_task(tasks: dict[str, Task], name: Optional[str], what: str = 'config.ta
   return tasks[name]
 
 
-def _mesh(config: ml_collections.ConfigDict):
-  devices = jax.devices()
-  n = config.mesh.get('num_devices', -1)
-  if n != -1:
-    if not 1 <= n <= len(devices):
-      raise ValueError(f'mesh.num_devices={n} but {len(devices)} devices are available.')
-    devices = devices[:n]
-  return sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-
-
 def _images(config: ml_collections.ConfigDict) -> jax.Array:
   return jnp.zeros(backbones.sample_images(config.backbone).shape, jnp.float32)
 
@@ -349,7 +339,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
     raise FileExistsError(f'{own} already holds an adapter that this workdir has no checkpoints '
                           f'of ({checkpointer_dir}): move it away, or pass '
                           '--config.checkpoint.restart=True (it is moved aside, not deleted).')
-  mesh = _mesh(c)
+  mesh = experiment.make_mesh(c)
   _check_shared(c, mesh)
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   info = input_pipeline.get_info(c.input)
@@ -547,7 +537,7 @@ def evaluate_tasks(config: ml_collections.ConfigDict, workdir: str,
     raise FileNotFoundError(
         f'No task of {wanted} is trained in {adapters_dir(workdir)}: train one first '
         f'(--mode=train --config.task={wanted[0]}).')
-  mesh = _mesh(config)
+  mesh = experiment.make_mesh(config)
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   infos = {n: input_pipeline.get_info(tasks[n].config.input) for n in trained}
   needed = set(trained) | {m for n in trained for m in tasks[n].members}
@@ -678,12 +668,7 @@ class TaskPredictor(predict_lib.Predictor):
       raise ValueError(f'Adapter directory {directory!r} stores no experiment config (meta): it '
                        'was not written by a multi-task run; load it in Python with '
                        'vadapt.adapter_dir.load.')
-    config = ml_collections.ConfigDict(meta['config'])
-    with config.unlocked():
-      if backbone is not None:
-        config.backbone.checkpoint = backbone
-      elif meta.get('backbone_checkpoint'):
-        config.backbone.checkpoint = meta['backbone_checkpoint']
+    config = predict_lib.config_from_meta(meta, backbone)
     members = (saved.get('fusion') or {}).get('members', [])
     parent = os.path.dirname(os.path.abspath(directory))
     sources = [os.path.join(parent, m) for m in members] + [os.path.abspath(directory)]

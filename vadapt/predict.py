@@ -27,6 +27,18 @@ from vadapt import metrics as metrics_lib
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
 
+def config_from_meta(meta: dict, backbone: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The experiment config an adapter was saved with, on `backbone` if given, else on the
+  backbone file it was trained on (meta['backbone_checkpoint'], where recorded)."""
+  config = ml_collections.ConfigDict(meta['config'])
+  with config.unlocked():
+    if backbone is not None:
+      config.backbone.checkpoint = backbone
+    elif meta.get('backbone_checkpoint'):
+      config.backbone.checkpoint = meta['backbone_checkpoint']
+  return config
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
   """The classes of one image, most probable first.
@@ -93,12 +105,7 @@ class Predictor:
                        'vadapt; export it again (--mode=export) to predict with it.')
     self.meta = meta
     self.class_names = tuple(meta['class_names'])
-    config = ml_collections.ConfigDict(meta['config'])
-    with config.unlocked():
-      if backbone is not None:
-        config.backbone.checkpoint = backbone
-      elif meta.get('backbone_checkpoint'):
-        config.backbone.checkpoint = meta['backbone_checkpoint']
+    config = config_from_meta(meta, backbone)
     self.config = config
     model, plain = experiment.build_model(config, len(self.class_names), self.class_names)
     params = backbones.load_params(config.backbone, plain,

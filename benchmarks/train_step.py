@@ -192,12 +192,8 @@ def _forward_worker(args, rss_imports: float, option: str = '') -> dict:
 
 
 def _machine() -> str:
-  cpu = 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  from vadapt import metrics  # pylint: disable=g-import-not-at-top
+  cpu = metrics.machine()['cpu']
   try:
     mem_gib = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30
   except (ValueError, OSError):

@@ -10,6 +10,7 @@ from configs import transfer_study
 from configs import vit_b16_adapter
 from tests import cli_runner
 from vadapt import demo
+from vadapt import metrics
 from vadapt import study
 from vadapt import train
 
@@ -55,7 +56,7 @@ def test_aggregation_of_hand_made_results(tmp_path):
                                    [1000, pytest.approx(0.72), pytest.approx(0.02), 3]]}
   assert s['selection']['linear'] == [[1e-2, 0.70], [3e-2, 0.75], [1e-1, 0.75]]
 
-  meta = {'title': 'T', 'protocol': 'P', 'machine': study.machine(), 'device': 'cpu', 'runs': 10,
+  meta = {'title': 'T', 'protocol': 'P', 'machine': metrics.machine(), 'device': 'cpu', 'runs': 10,
           'run_seconds': 200.0}
   table = study.format_markdown(s, meta)
   assert '| linear | 72.0 ± 2.0 | 10 | 0.010% | 0.03 | 5.0 | 80 | 3,072.0 MiB |' in table
@@ -127,10 +128,14 @@ def tiny_study(**changes) -> ml_collections.ConfigDict:
   return c
 
 
-def test_isolated_runs_train_in_their_own_process(tmp_path):
+def test_isolated_runs_train_in_their_own_process(tmp_path, monkeypatch):
   c = tiny_study(methods=('linear',), sweep_methods=(), isolate=True)
   c.study.learning_rates = ml_collections.ConfigDict({'linear': (1e-2,)})
   runs = study.selection_runs(c)
+
+  def not_here(*args, **kwargs):
+    raise AssertionError('an isolated run trained in the study\'s own process')
+  monkeypatch.setattr(train, 'train_and_evaluate', not_here)  # A fresh process has the real one.
   (rec,) = study._execute(c, runs, str(tmp_path), isolate=True)
   stored = json.load(open(tmp_path / runs[0].workdir / demo.RESULT_FILE))
   assert stored['row']['accuracy'] == rec['accuracy'] and rec['steps'] == c.total_steps

@@ -82,6 +82,27 @@ def format_duration(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
+def machine() -> dict:
+  """This machine's CPU model, the flags that decide matmul speed, core count and Python: what a
+  benchmark records next to its numbers (only ratios from one machine compare)."""
+  import platform  # pylint: disable=g-import-not-at-top
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name':
+          model = value.strip()
+        elif key.strip() == 'flags':
+          flags = set(value.split())
+  except OSError:
+    pass
+  wanted = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile',
+            'amx_int8')
+  return {'cpu': model, 'flags': [f for f in wanted if f in flags], 'cores': os.cpu_count(),
+          'python': platform.python_version()}
+
+
 def peak_memory() -> tuple[int, str]:
   """(bytes, what) of this process's peak memory so far.
 

@@ -31,7 +31,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -163,6 +162,7 @@ def _train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 def _execute(config: ml_collections.ConfigDict, runs: Sequence[Run], workdir: str,
              isolate: bool) -> list[dict[str, Any]]:
   """Runs each run (or reuses its result) and returns their records in order."""
+  from vadapt import demo  # pylint: disable=g-import-not-at-top
   records = []
   for i, run in enumerate(runs):
     c = run_config(config, run)
@@ -170,7 +170,6 @@ def _execute(config: ml_collections.ConfigDict, runs: Sequence[Run], workdir: st
     metrics_lib.log(f'=== study run {i + 1}/{len(runs)}: {run.phase} {run.method} seed {run.seed} '
                     f'on {run.train_examples:,} examples at lr {run.learning_rate:g} '
                     f'({run.workdir}) ===')
-    from vadapt import demo  # pylint: disable=g-import-not-at-top
     done = demo.finished_row(c, path)  # Reused without starting a process.
     if done is not None:
       row = dataclasses.asdict(done)
@@ -233,24 +232,6 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   for (m, n), acc in sorted(groups.items()):
     sweep.setdefault(m, []).append([n, sum(acc) / len(acc), _std(acc), len(acc)])
   return {'rates': rates, 'selection': selection, 'methods': methods, 'sweep': sweep}
-
-
-def machine() -> dict[str, Any]:
-  """The machine a study ran on: CPU model and the flags that decide matmul speed, cores."""
-  model, flags = platform.processor() or platform.machine(), set()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        key, _, value = line.partition(':')
-        if key.strip() == 'model name':
-          model = value.strip()
-        elif key.strip() == 'flags':
-          flags = set(value.split())
-  except OSError:
-    pass
-  wanted = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile')
-  return {'cpu': model, 'flags': [f for f in wanted if f in flags], 'cores': os.cpu_count(),
-          'python': platform.python_version()}
 
 
 def _mib(n: float) -> str:
@@ -385,7 +366,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   records += _execute(config, later, workdir, isolate)
   summary = summarize(records)
   title, protocol = describe(config)
-  meta = {'title': title, 'protocol': protocol, 'machine': machine(),
+  meta = {'title': title, 'protocol': protocol, 'machine': metrics_lib.machine(),
           'device': next((r['device'] for r in records if r.get('device')), 'not recorded'),
           'runs': len(records),
           'run_seconds': round(sum(r['seconds'] for r in records), 1),

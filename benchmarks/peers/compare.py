@@ -61,19 +61,9 @@ def _peer_cmd(suite, mode, args):
 
 
 def cpu_description() -> str:
-  model, flags = 'unknown CPU', set()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          model = line.split(':', 1)[1].strip()
-        elif line.startswith('flags'):
-          flags = set(line.split(':', 1)[1].split())
-  except OSError:
-    pass
-  simd = [f for f in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile', 'amx_int8')
-          if f in flags]
-  return f'{model}; {os.cpu_count()} cores; SIMD flags: {", ".join(simd) or "none listed"}'
+  from vadapt import metrics  # pylint: disable=g-import-not-at-top
+  m = metrics.machine()
+  return f'{m["cpu"]}; {m["cores"]} cores; SIMD flags: {", ".join(m["flags"]) or "none listed"}'
 
 
 def summarise(results: list[dict]) -> list[dict]:

@@ -145,6 +145,85 @@ def test_predict_by_task_name_or_adapter_directory(trained, tmp_path, capsys):
   assert sum(float(p) for _, p in top) < 1 and float(top[0][1]) >= float(top[1][1])
 
 
+def _images(folder, n):
+  folder.mkdir()
+  for i in range(n):
+    Image.new('RGB', (20 + i, 16), (40 * i, 120, 200 - 30 * i)).save(folder / f'{i}.png')
+  return [str(folder / f'{i}.png') for i in range(n)]
+
+
+def test_a_manifest_is_served_in_mixed_batches_equal_to_each_task_alone(trained, tmp_path,
+                                                                        capsys):
+  w, _, _ = trained
+  paths = _images(tmp_path / 'images', 5)
+  tasks = ['even', 'odd', 'fused', 'odd', 'even']
+  manifest = tmp_path / 'requests.txt'
+  manifest.write_text('# image task\n' + ''.join(f'images/{os.path.basename(p)}  {t}\n'
+                                                  for p, t in zip(paths, tasks)) + '\n')
+  config = load_config('multi_task')
+  mixed = multi_task.MixedPredictor.from_config(config, w, ['even', 'odd', 'fused'], batch_size=2)
+  requests = list(zip(paths, tasks))
+  probs = mixed.probabilities(requests)
+  assert mixed.traces == 1  # Two mixed batches (one padded), one compiled program.
+  for name in ('even', 'odd', 'fused'):
+    alone = multi_task.TaskPredictor.from_config(config, w, name)
+    for (path, task), p in zip(requests, probs):
+      if task == name:
+        image = alone.preprocess(np.asarray(Image.open(path).convert('RGB')))
+        np.testing.assert_allclose(p, alone.probabilities(image[None])[0], rtol=1e-6, atol=1e-6)
+  # From the command line: one line per request, in manifest order, naming its task.
+  capsys.readouterr()
+  assert run_cli(argv(w, '--mode=predict', f'--manifest={manifest}', '--top_k=2')) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line.split(': ')[0] for line in lines] == [f'{p} [{t}]' for p, t in requests]
+  for line, p in zip(lines, probs):
+    top = [pair.rsplit(' ', 1) for pair in line.split(': ')[1].split(', ')]
+    assert [float(q) for _, q in top] == pytest.approx(sorted(p)[::-1][:2], abs=1e-3)
+  # An unknown task, or a missing image, is one line before anything loads.
+  manifest.write_text('images/0.png even\nimages/1.png nope\n')
+  assert run_cli(argv(w, '--mode=predict', f'--manifest={manifest}')) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[0] == (f"vadapt: error: ValueError: {manifest}: 'nope' is not a task of "
+                    'config.adapters; tasks: even, odd, fused.'), err
+  manifest.write_text('images/9.png even\n')
+  assert run_cli(argv(w, '--mode=predict', f'--manifest={manifest}')) == 2
+  assert f"{manifest}:1: image 'images/9.png' does not exist" in capsys.readouterr().err
+
+
+def test_mixed_evaluation_equals_the_per_task_evaluation(trained):
+  w, _, _ = trained
+  config = load_config('multi_task')
+  per_task = table(w)  # The per-task evaluation after training the last task.
+  with config.unlocked():
+    config.eval_mixed = True
+  mixed = multi_task.evaluate_tasks(config, w)
+  assert mixed.keys() == per_task.keys()
+  for name in mixed:
+    assert mixed[name]['eval/accuracy'] == per_task[name]['eval/accuracy'], name
+    assert mixed[name]['eval/examples'] == per_task[name]['eval/examples'], name
+    np.testing.assert_allclose(mixed[name]['eval/loss'], per_task[name]['eval/loss'], rtol=1e-6)
+  # The mixed batches themselves: every example's logits equal its task's alone.
+  from vadapt import input_pipeline
+  tasks = multi_task.plan(config, w)
+  loaded = multi_task.load(config, tasks, skip=['fused'])
+  model, names = loaded.model, ['even', 'odd']
+  streams = lambda: [input_pipeline.make_eval_iterator(
+      tasks[n].config.input, global_batch_size=16, image_size=32, process_index=0,
+      process_count=1) for n in names]
+  run = jax.jit(lambda p, x, i: model.apply({'params': p}, x, adapter=i, head=i))
+  batches = list(multi_task.interleave(streams(), [model.index(n) for n in names], 8))
+  # 31 + 1 padding rows of even, 33 + 15 of odd: two rounds of both, then odd's last batch.
+  assert len(batches) == 10
+  assert all(set(b['adapter'][b['mask']].tolist()) == {0, 1} for b in batches[:8])
+  for k, n in enumerate(names):
+    alone = np.concatenate([model.apply({'params': loaded.params}, b['image'], adapter=n)
+                            for b in streams()[k]])
+    for b in batches:
+      rows = b['row'][:, 0] == k
+      got = np.asarray(run(loaded.params, b['image'], b['adapter']))[rows]
+      np.testing.assert_allclose(got, alone[b['row'][rows, 1]], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('extra, cause', [
     (['--config.task=nope'], "config.task='nope' is not a task of config.adapters; tasks: even, "
                              'odd, fused.'),

@@ -16,6 +16,8 @@ r"""Command line: parses flags and dispatches to the mode's module; nothing else
   python -m vadapt.main --config=configs/multi_task.py --workdir=w --mode=eval_tasks   # every task
   python -m vadapt.main --config=configs/multi_task.py --workdir=w --mode=predict --adapter=pets \
       --images=photo.jpg           # or --adapter=w/adapters/pets (an adapter directory)
+  python -m vadapt.main --config=configs/multi_task.py --workdir=w --mode=predict \
+      --manifest=requests.txt      # 'IMAGE TASK' lines, served in mixed batches
   python -m vadapt.main --help [--config=configs/vit_b16_adapter.py]   # modes, methods, options
 
 A user error (a bad option, a missing file) prints one line and exits with status 2; -v (or
@@ -74,6 +76,9 @@ _ADAPTER = flags.DEFINE_string('adapter', None, 'predict: the exported adapter '
 _BACKBONE = flags.DEFINE_string('backbone', None, 'predict: the backbone checkpoint the adapter '
                                 'was trained on (default: the path stored in the adapter file).')
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'predict: how many classes to print per image.')
+_MANIFEST = flags.DEFINE_string('manifest', None, "predict with a multi-task config: a file of "
+                                "'IMAGE TASK' lines; each image is classified by its own task, "
+                                'in mixed batches (one compiled program).')
 
 # Errors a user causes (bad options, missing or wrong files, a diverged run): one line, no
 # traceback, unless verbosity asks for it.
@@ -97,7 +102,9 @@ def main(argv):
   if workdir is None and not (mode == 'predict' and _ADAPTER.value):
     raise app.UsageError(f'--workdir is required for --mode={mode}.')
   adapter_is_dir = mode == 'predict' and _ADAPTER.value and os.path.isdir(_ADAPTER.value)
-  if (config is not None and 'adapters' in config) or adapter_is_dir or mode == 'eval_tasks':
+  manifest = mode == 'predict' and _MANIFEST.value
+  if ((config is not None and 'adapters' in config) or adapter_is_dir or manifest
+      or mode == 'eval_tasks'):
     _multi_task(config, workdir, mode)
   elif mode == 'train':
     from vadapt import train  # pylint: disable=g-import-not-at-top
@@ -145,6 +152,12 @@ def _multi_task(config, workdir, mode):
     multi_task.evaluate_tasks(config, workdir)
   elif mode == 'export':
     multi_task.export(config, workdir, _OUT.value)
+  elif mode == 'predict' and _MANIFEST.value:
+    if _IMAGES.value or _ADAPTER.value:
+      raise app.UsageError('--manifest names every image and its task; drop --images and '
+                           '--adapter.')
+    multi_task.predict_manifest_cli(config, workdir, _MANIFEST.value, backbone=_BACKBONE.value,
+                                    top_k=_TOP_K.value)
   elif mode == 'predict':
     if not _IMAGES.value:
       raise app.UsageError('--mode=predict needs --images=FILE_OR_FOLDER[,...].')

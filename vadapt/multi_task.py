@@ -32,7 +32,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -565,12 +565,20 @@ def evaluate_tasks(config: ml_collections.ConfigDict, workdir: str,
   index_step = jax.jit(by_index)
   block_step = jax.jit(by_block, static_argnums=2)
   results = {}
+  mixed = {}
+  if config.get('eval_mixed', False) and every_head:
+    served = [n for n in trained if isinstance(loaded.selections[n], str)]
+    if served:
+      mixed = _run_mixed_eval([tasks[n] for n in served], [infos[n] for n in served], mesh,
+                              model, params, traces)
   for n in wanted:
     if n not in trained:
       results[n] = {'trained': False}
       continue
     selection = loaded.selections[n]
-    if isinstance(selection, str) and every_head:
+    if n in mixed:
+      metrics = mixed[n]
+    elif isinstance(selection, str) and every_head:
       metrics = _run_eval(tasks[n], infos[n], mesh, index_step, params,
                           jnp.int32(model.index(n)))
     else:
@@ -579,11 +587,121 @@ def evaluate_tasks(config: ml_collections.ConfigDict, workdir: str,
                   'num_classes': infos[n].num_classes, **metrics}
   _log_table(results, tasks)
   shared = sum(1 for n in trained if isinstance(loaded.selections[n], str)) if every_head else 0
-  if shared > 1:
+  if mixed:
+    metrics_lib.log(f'{len(mixed)} tasks ran interleaved in mixed batches (each example with its '
+                    f'own adapter and head) through one compiled eval program ({len(traces)} '
+                    'trace).')
+  elif shared > 1:
     metrics_lib.log(f'{shared} tasks ran through one compiled eval program ({len(traces)} '
                     'trace): the adapter was chosen by index, as data.')
   if jax.process_index() == 0:
     files.write_json(os.path.join(os.path.abspath(workdir), EVAL_TABLE), results, indent=2)
+  return results
+
+
+def interleave(streams: Sequence[Iterator[dict[str, np.ndarray]]], adapters: Sequence[int],
+               batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """Mixed batches from per-task batch streams: rows taken one task after another (task 0's
+  first row, task 1's first row, ...), each row's adapter index under 'adapter' and its place
+  under 'row' (stream, row number in that stream). Every row of every stream is kept, padding
+  (mask False) included, so every process yields as many batches; a short last batch is padded
+  with mask False, adapter -1 and row (-1, -1)."""
+  streams = [iter(s) for s in streams]
+  active = list(range(len(streams)))
+  counts = [0] * len(streams)
+  pending: list[dict[str, np.ndarray]] = []
+  size = 0
+
+  def take(n):
+    nonlocal pending, size
+    out = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+    rest = {k: v[n:] for k, v in out.items()}
+    pending, size = ([rest] if len(rest['mask']) else []), len(rest['mask'])
+    return {k: v[:n] for k, v in out.items()}
+
+  while active:
+    batches = []
+    for s in list(active):
+      batch = next(streams[s], None)
+      if batch is None:
+        active.remove(s)
+        continue
+      rows = len(batch['mask'])
+      batches.append({'image': batch['image'], 'label': batch['label'], 'mask': batch['mask'],
+                      'adapter': np.full(rows, adapters[s], np.int32),
+                      'row': np.stack([np.full(rows, s), counts[s] + np.arange(rows)], -1)})
+      counts[s] += rows
+    if not batches:
+      break
+    longest = max(len(b['mask']) for b in batches)
+    for r in range(longest):  # Row-major across the tasks of this round.
+      for b in batches:
+        if r < len(b['mask']):
+          pending.append({k: v[r:r + 1] for k, v in b.items()})
+          size += 1
+    while size >= batch_size:
+      yield take(batch_size)
+  if size:
+    last = take(size)
+    pad = batch_size - size
+    widths = lambda v: ((0, pad),) + ((0, 0),) * (v.ndim - 1)
+    last = {k: np.pad(v, widths(v), constant_values=-1 if k in ('adapter', 'row') else 0)
+            for k, v in last.items()}
+    yield last
+
+
+def _run_mixed_eval(tasks: Sequence[Task], infos, mesh, model: multi.MultiAdapted, params,
+                    traces: list[int]) -> dict[str, dict[str, float]]:
+  """Every task's eval split, interleaved into mixed batches: each example runs with its own
+  task's adapter and head, chosen per example as data, through one compiled program."""
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vadapt.data import iterators  # pylint: disable=g-import-not-at-top
+  config = tasks[0].config
+  sizes = {t.name: (t.config.backbone.image_size, t.config.eval_batch_size) for t in tasks}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f'Mixed evaluation puts every task in one batch; the tasks differ in '
+                     f'(image_size, eval_batch_size): {sizes}.')
+  indices = [model.index(t.name) for t in tasks]
+  streams = [input_pipeline.make_eval_iterator(
+      t.config.input, global_batch_size=t.config.eval_batch_size,
+      image_size=t.config.backbone.image_size,
+      preprocess=experiment.preprocess_name(t.config, 'eval'),
+      process_index=jax.process_index(), process_count=jax.process_count()) for t in tasks]
+  local = config.eval_batch_size // jax.process_count()
+  n = len(model.adapters)
+
+  def step(p, batch):
+    traces.append(1)
+    index = batch['adapter']
+    logits = model.apply({'params': p}, batch['image'], adapter=index, head=index,
+                         train=False).astype(jnp.float32)
+    mask = batch['mask'].astype(jnp.float32)
+    label = batch['label']
+    picked = jnp.take_along_axis(logits, label[:, None], axis=-1)[:, 0]
+    loss = jnp.where(mask > 0, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
+    correct = (jnp.argmax(logits, -1) == label).astype(jnp.float32) * mask
+    segment = lambda v: jax.ops.segment_sum(v, jnp.maximum(index, 0), num_segments=n)
+    return {'correct': segment(correct), 'count': segment(mask), 'loss_sum': segment(loss)}
+
+  mixed_step = jax.jit(step)
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  totals = {k: np.zeros(n) for k in ('correct', 'count', 'loss_sum')}
+  for batch in metrics_lib.progress_iter(interleave(streams, indices, local),
+                                         desc=f'eval {"+".join(t.name for t in tasks)} (mixed)',
+                                         total=sum(iterators.num_eval_batches(
+                                             i.num_eval, config.eval_batch_size) for i in infos)):
+    out = jax.device_get(mixed_step(params, sharding_lib.put_global_batch(
+        {k: batch[k] for k in ('image', 'label', 'mask', 'adapter')}, batch_sh)))
+    for k in totals:
+      totals[k] += np.asarray(out[k], np.float64)
+  results = {}
+  for t, i in zip(tasks, indices):
+    if not totals['count'][i]:
+      raise ValueError(f'The eval split {t.config.input.get("eval_split")!r} of task {t.name!r} '
+                       'yielded no examples.')
+    results[t.name] = {'eval/accuracy': totals['correct'][i] / totals['count'][i],
+                       'eval/loss': totals['loss_sum'][i] / totals['count'][i],
+                       'eval/examples': totals['count'][i]}
   return results
 
 
@@ -688,6 +806,151 @@ class TaskPredictor(predict_lib.Predictor):
     selection = adapter_dir.fuse_block(saved) or name
     loaded = Loaded(backbone=net, model=model, params=params, selections={name: selection})
     return cls(loaded, name, config, meta)
+
+
+class MixedPredictor:
+  """Several tasks on one backbone serving mixed batches: each image names its task. The
+  ordinary tasks run through one compiled program (each example's adapter and head chosen by
+  index, as data); a fusion task (a composition block, static) runs through its own.
+
+  Attributes:
+    tasks: the tasks served, in index order.
+    class_names: per task, its class names.
+    traces: how many times the mixed program was traced (1 after any number of batches).
+  """
+
+  def __init__(self, loaded: Loaded, tasks: Sequence[Task], batch_size: int = 32):
+    model = loaded.model
+    self.tasks = tuple(t.name for t in tasks)
+    self.class_names = {}
+    self._preprocess = {}
+    for t in tasks:
+      spec = model.adapter(t.name)
+      if not spec.num_classes:
+        raise ValueError(f'Adapter {t.name!r} has no head of its own: nothing to classify with.')
+      self.class_names[t.name] = (tuple(spec.class_names)
+                                  or tuple(str(i) for i in range(spec.num_classes)))
+      meta = adapter_dir.read_config(t.source).get('meta') or _serving_meta(t, -1)
+      self._preprocess[t.name] = (
+          int(meta.get('image_size') or t.config.backbone.image_size),
+          meta.get('preprocess') or experiment.preprocess_name(t.config, 'eval'),
+          meta.get('eval_crop_fraction', t.config.input.get('eval_crop_fraction')))
+    sizes = {n: p[0] for n, p in self._preprocess.items()}
+    if len(set(sizes.values())) > 1:
+      raise ValueError(f'A mixed batch holds one image size; the tasks were trained at {sizes}: '
+                       'serve them separately (--adapter=TASK).')
+    self._batch_size = batch_size
+    self._index = {n: model.index(n) for n in self.tasks}
+    self._fusion = {n: s for n, s in loaded.selections.items()
+                    if n in self._index and not isinstance(s, str)}
+    self._params = jax.device_put(loaded.params)
+    self.traces = 0
+
+    def mixed(p, x, index):
+      self.traces += 1
+      return model.apply({'params': p}, x, adapter=index, head=index, train=False)
+
+    self._mixed = jax.jit(mixed)
+    self._fused = {n: jax.jit(lambda p, x, s=s, n=n: model.apply(
+        {'params': p}, x, adapter=s, head=n, train=False)) for n, s in self._fusion.items()}
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, workdir: str,
+                  names: Sequence[str], batch_size: int = 32) -> 'MixedPredictor':
+    """Tasks `names` of a multi-task config, with the workdir's trained tasks."""
+    tasks = plan(config, workdir)
+    check_requested(tasks, names)
+    wanted = [t for t in tasks.values() if t.name in set(names)]
+    keep = {n for t in wanted for n in (t.name, *t.members)}
+    loaded = load(config, tasks, skip=[n for n in tasks if n not in keep])
+    return cls(loaded, wanted, batch_size)
+
+  def _run(self, task: Optional[str], images: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Probabilities of a padded batch: the mixed program (task None) or a fusion's."""
+    pad = self._batch_size - len(images)
+    images = np.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
+    if task is None:
+      logits = self._mixed(self._params, images, np.pad(index, (0, pad), constant_values=-1))
+    else:
+      logits = self._fused[task](self._params, images)
+    return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1))[:len(index)]
+
+  def probabilities(self, requests: Sequence[tuple[str, str]]) -> list[np.ndarray]:
+    """Each request's (image file, task) class probabilities over its task's classes."""
+    check_requested({n: None for n in self.tasks}, [t for _, t in requests], 'served')
+    groups: dict[Optional[str], list[int]] = {}
+    for k, (_, task) in enumerate(requests):
+      groups.setdefault(task if task in self._fusion else None, []).append(k)
+    out: list[Any] = [None] * len(requests)
+    for group, members in groups.items():
+      for start in range(0, len(members), self._batch_size):
+        chunk = members[start:start + self._batch_size]
+        images = np.stack([predict_lib.preprocess(predict_lib.read_image(requests[k][0]),
+                                                  *self._preprocess[requests[k][1]])
+                           for k in chunk])
+        index = np.asarray([self._index[requests[k][1]] for k in chunk], np.int32)
+        for k, p in zip(chunk, self._run(group, images, index)):
+          out[k] = p[:len(self.class_names[requests[k][1]])]
+    return out
+
+  def predict(self, requests: Sequence[tuple[str, str]], *,
+              top_k: int = 5) -> list[predict_lib.Prediction]:
+    """The top_k classes of each (image file, task) request, in request order."""
+    if top_k < 1:
+      raise ValueError(f'top_k must be >= 1; found {top_k}.')
+    out = []
+    for (path, task), p in zip(requests, self.probabilities(requests)):
+      names = self.class_names[task]
+      order = np.argsort(-p, kind='stable')[:min(top_k, len(names))]
+      out.append(predict_lib.Prediction(path=path, task=task,
+                                        top_k=tuple((names[i], float(p[i])) for i in order)))
+    return out
+
+
+def check_requested(tasks: dict[str, Any], requested: Sequence[str], what: str = 'known') -> None:
+  """Every requested task name is one of `tasks`; else one line naming the unknown ones."""
+  unknown = sorted(set(requested) - set(tasks), key=list(requested).index)
+  if unknown:
+    one = len(unknown) == 1
+    where = ((' a task' if one else ' tasks') + ' of config.adapters' if what == 'known'
+             else ' served by this predictor')
+    raise ValueError(f'{", ".join(repr(u) for u in unknown)} {"is" if one else "are"} not'
+                     f'{where}; tasks: {", ".join(tasks)}.')
+
+
+def predict_manifest_cli(config: Optional[ml_collections.ConfigDict], workdir: Optional[str],
+                         manifest: str, *, backbone: Optional[str] = None,
+                         top_k: int = 5) -> list[predict_lib.Prediction]:
+  """--mode=predict --manifest=FILE with a multi-task config: each line 'IMAGE TASK' is
+  classified by its task; requests are served in mixed batches through one compiled program.
+  Prints one line per request, 'path [task]: class p, class p, ...'."""
+  if config is None or 'adapters' not in config:
+    raise ValueError('--manifest names tasks of a multi-task config: pass its --config (with '
+                     'config.adapters) and --workdir.')
+  if workdir is None:
+    raise ValueError('--workdir is required to predict with --manifest (the trained adapters '
+                     'are there).')
+  requests = predict_lib.read_manifest(manifest)
+  tasks = plan(config, workdir)
+  names = list(dict.fromkeys(t for _, t in requests))
+  try:
+    check_requested(tasks, names)
+  except ValueError as e:
+    raise ValueError(f'{manifest}: {e}') from None
+  untrained = [n for n in names if tasks[n].source is None]
+  if untrained:
+    raise FileNotFoundError(f'{manifest}: tasks {untrained} are not trained in '
+                            f'{adapters_dir(workdir)}: train them first '
+                            f'(--mode=train --config.task={untrained[0]}).')
+  if backbone is not None:
+    config = copy.deepcopy(config)
+    with config.unlocked():
+      config.backbone.checkpoint = backbone
+  predictor = MixedPredictor.from_config(config, workdir, names)
+  predictions = predictor.predict(requests, top_k=top_k)
+  for p in predictions:
+    metrics_lib.log(predict_lib.format_prediction(p))
+  return predictions
 
 
 def predict_cli(config: Optional[ml_collections.ConfigDict], workdir: Optional[str],

@@ -46,9 +46,11 @@ class Prediction:
   Attributes:
     path: the image file.
     top_k: (class name, probability) pairs, most probable first.
+    task: the task that classified it, when one predictor serves several (a manifest).
   """
   path: str
   top_k: tuple[tuple[str, float], ...]
+  task: Optional[str] = None
 
 
 def image_paths(items: Sequence[str]) -> list[str]:
@@ -77,6 +79,20 @@ def _read_image(path: str) -> np.ndarray:
       return np.asarray(img.convert('RGB'))
   except (UnidentifiedImageError, OSError) as e:
     raise ValueError(f'Image {path!r} cannot be read: {e}') from None
+
+
+def preprocess(pixels: np.ndarray, size: int, family: str,
+               crop: Optional[float] = None) -> np.ndarray:
+  """uint8 (H, W, 3) -> the float (size, size, 3) image of eval preprocessing `family`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vadapt.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+  return preprocess_lib.eval_preprocess(tf.constant(pixels), size,
+                                        preprocess_lib.get_family(family), crop).numpy()
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file as uint8 RGB (H, W, 3); an unreadable file is a one-line ValueError."""
+  return _read_image(path)
 
 
 class Predictor:
@@ -119,11 +135,7 @@ class Predictor:
 
   def preprocess(self, pixels: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) -> the float image the model was evaluated on (resize, crop, normalise)."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from vadapt.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
-    family = preprocess_lib.get_family(self._family)
-    return preprocess_lib.eval_preprocess(tf.constant(pixels), self._size, family,
-                                          self._crop).numpy()
+    return preprocess(pixels, self._size, self._family, self._crop)
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
     """Preprocessed images (N, S, S, 3) -> class probabilities (N, C)."""
@@ -155,7 +167,34 @@ def predict(items: Sequence[str] | str, adapter_path: str, *, backbone: Optional
 
 
 def format_prediction(p: Prediction) -> str:
-  return f'{p.path}: ' + ', '.join(f'{name} {prob:.3f}' for name, prob in p.top_k)
+  where = p.path if p.task is None else f'{p.path} [{p.task}]'
+  return f'{where}: ' + ', '.join(f'{name} {prob:.3f}' for name, prob in p.top_k)
+
+
+def read_manifest(path: str) -> list[tuple[str, str]]:
+  """(image file, task name) per request of a manifest: one 'IMAGE TASK' line each (the task is
+  the last whitespace-separated field, so image paths may hold spaces); blank lines and lines
+  starting with '#' are skipped; relative image paths are relative to the manifest's folder.
+  Missing images and malformed lines are one-line errors naming the line."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'Manifest {path!r} does not exist.')
+  root = os.path.dirname(os.path.abspath(path))
+  requests = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      line = line.strip()
+      if not line or line.startswith('#'):
+        continue
+      fields = line.rsplit(None, 1)
+      if len(fields) != 2:
+        raise ValueError(f'{path}:{number}: expected \'IMAGE TASK\'; found {line!r}.')
+      image = os.path.join(root, fields[0])
+      if not os.path.isfile(image):
+        raise FileNotFoundError(f'{path}:{number}: image {fields[0]!r} does not exist.')
+      requests.append((image, fields[1]))
+  if not requests:
+    raise ValueError(f'Manifest {path!r} holds no requests (lines \'IMAGE TASK\').')
+  return requests
 
 
 def predict_cli(config: Optional[ml_collections.ConfigDict], workdir: Optional[str],

@@ -263,3 +263,38 @@ def test_bad_input(setup):
                                                          bottleneck=2)])
   with pytest.raises(ValueError, match=r"\['Transformer'\] are also module names"):
     jax.eval_shape(named_like_module.init, jax.random.key(0), x)
+
+
+def test_scan_model_equals_the_unrolled_one_with_parallel_and_drop_lowest():
+  """Under nn.scan every block is one module: the lowest layers' adapters are dropped by the
+  layer index the scan passes as data, and Parallel replicates the input."""
+  from vadapt.pretrained.vit import stack_layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+
+  def build(scan):
+    backbone = vit.from_variant('mu/4', num_classes=None, num_layers=3, scan=scan)
+    return multi.adapt(backbone, [
+        multi.named(backbone, 'a', 'houlsby', bottleneck=8, num_classes=3),
+        multi.named(backbone, 'b', 'pfeiffer', bottleneck=4, num_classes=5),
+        multi.named(backbone, 'c', 'lora', rank=2, num_classes=5)])
+
+  loop, scan = build(False), build(True)
+  params = _perturb(loop, jax.jit(loop.init)(jax.random.key(1), x)['params'])
+  stacked = unflatten(stack_layers(flatten(params)))
+  assert flatten(stacked).keys() == flatten(
+      jax.eval_shape(scan.init, jax.random.key(1), x)['params']).keys()
+  for call in (dict(adapter=Parallel('a', 'b', 'c')),
+               dict(adapter=Parallel('a', 'b', 'c'), drop_lowest=1),
+               dict(adapter=np.asarray([0, 1, 2]), drop_lowest=2),
+               dict(adapter='b', drop_lowest=1)):
+    got = jax.jit(lambda p, call=call: scan.apply({'params': p}, x, **call))(stacked)
+    want = jax.jit(lambda p, call=call: loop.apply({'params': p}, x, **call))(params)
+    full = jax.jit(lambda p, call=call: loop.apply({'params': p}, x, **{**call,
+                                                                       'drop_lowest': 0}))(params)
+    for g, w, f in zip(*(jax.tree.leaves(t) for t in (got, want, full))):
+      finite = np.isfinite(w)  # Heads narrower than the widest are padded with -inf.
+      np.testing.assert_array_equal(np.isfinite(g), finite)
+      np.testing.assert_allclose(np.asarray(g)[finite], np.asarray(w)[finite], rtol=1e-6,
+                                 atol=1e-6, err_msg=str(call))
+      if call.get('drop_lowest'):
+        assert not np.allclose(np.asarray(w)[finite], np.asarray(f)[finite])

@@ -28,7 +28,10 @@ The `adapter=` argument of a call:
 
 `drop_lowest=k` skips the adapters of the lowest k blocks at inference (AdapterDrop); with Parallel
 the batch is then replicated only at the first block that still adapts, so the blocks below run
-once for all tasks. `adapt(..., drop_rate=r)` is AdapterDrop during training, as in vadapt.inject:
+once for all tasks. A scan model (vadapt.models.vit with scan=True) runs every block as one
+module: its lowest k layers' adapters add exact zeros (chosen by the layer index the scan passes
+each block, as data), and Parallel replicates the input (a scan's carry keeps one shape), so the
+outputs equal the unrolled model's but the lower blocks are not shared. `adapt(..., drop_rate=r)` is AdapterDrop during training, as in vadapt.inject:
 each layer's adapters (whichever the call selects) add nothing to a training call with
 probability r, drawn per layer and call from the 'dropout' rng.
 """
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -58,6 +62,8 @@ _NAME = re.compile(r'[A-Za-z0-9_\-]+')
 _BLOCK = re.compile(r'(?:.+/)?(?:encoderblock(?:_\d+)?|(?:Bottleneck)?ResNetBlock_\d+)')
 # The block index of a module path, for AdapterDrop.
 _LAYER = re.compile(r'(?:^|/)(?:encoderblock|(?:Bottleneck)?ResNetBlock)_(\d+)(?:/|$)')
+# The blocks of a scan model: one module for all layers.
+_SCANNED = re.compile(r'(?:^|/)encoderblock(?:/|$)')
 HEADS = 'heads'
 _UNSET = object()
 _POSITIONS = ('output', 'parallel', 'input')
@@ -184,13 +190,34 @@ def _replace(args, kwargs, old, new):
           {k: new if v is old else v for k, v in kwargs.items()})
 
 
-def _layer(path: str) -> int:
+def _layer(path: str) -> Optional[int]:
+  """The block index in `path`; None inside a scanned block (`encoderblock`: every layer is one
+  module, and the index is data, see _scan_layer)."""
   m = _LAYER.search(path)
-  if not m:
-    raise ValueError(f'drop_lowest needs block indices in the adapted module paths (e.g. '
-                     f'encoderblock_3); {path!r} has none (a scan model keeps all blocks in one '
-                     'module: build it with scan=False).')
-  return int(m.group(1))
+  if m:
+    return int(m.group(1))
+  if _SCANNED.search(path):
+    return None
+  raise ValueError(f'drop_lowest needs block indices in the adapted module paths (e.g. '
+                   f'encoderblock_3, or a scanned encoderblock); {path!r} has none.')
+
+
+def _scan_layer(module: nn.Module, args, kwargs) -> Optional[jax.Array]:
+  """The layer index a scanned block receives as its `layer` argument (vadapt.models.vit runs
+  nn.scan over the block indices), else None."""
+  try:
+    params = inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return None
+  if 'layer' not in params:
+    return None
+  names = [n for n in params if n != 'self']
+  value = kwargs.get('layer', args[names.index('layer')] if names.index('layer') < len(args)
+                     else None)
+  if (isinstance(value, jax.Array) and value.ndim == 0
+      and jnp.issubdtype(value.dtype, jnp.integer)):
+    return value
+  return None
 
 
 class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
@@ -211,17 +238,26 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
     self.drop_lowest = drop_lowest
     self.replicate_at = replicate_at
     self.copies = copies  # Parallel: the members' global indices, one batch copy each.
+    self.scan_layer = None  # Inside a scanned block: the running layer's index (traced).
 
   def __call__(self, next_fun, args, kwargs, context):
-    if (self.replicate_at is not None and not self.in_adapter
-        and context.method_name == '__call__'):
+    if self.in_adapter or context.method_name != '__call__':
+      return super().__call__(next_fun, args, kwargs, context)
+    if self.replicate_at is not None:
       full = tuple(str(p) for p in context.module.path)
       if full[:len(self.prefix)] == self.prefix and '/'.join(
           full[len(self.prefix):]) == self.replicate_at:
         self.replicate_at = None
         x = _first_array(args, kwargs)
         args, kwargs = _replace(args, kwargs, x, jnp.concatenate([x] * len(self.copies)))
-    return super().__call__(next_fun, args, kwargs, context)
+    layer = None if self.scan_layer is not None else _scan_layer(context.module, args, kwargs)
+    if layer is None:
+      return super().__call__(next_fun, args, kwargs, context)
+    self.scan_layer = layer
+    try:
+      return super().__call__(next_fun, args, kwargs, context)
+    finally:
+      self.scan_layer = None
 
   # Running one adapter.
 
@@ -331,7 +367,17 @@ class _Interceptor(inject._Interceptor):  # pylint: disable=protected-access
     if self.drop_rate:  # AdapterDrop (training): the layer's adapters add exactly 0, or all add.
       keep = self._layer_keep(module)
       gate = lambda a: jnp.where(keep, a, jnp.zeros_like(a))
-    if self.drop_lowest and _layer(path) < self.drop_lowest:
+    layer = _layer(path) if self.drop_lowest else None
+    if self.drop_lowest:
+      if layer is None:  # A scanned block: its index is data; the lowest layers add exact 0.
+        if self.scan_layer is None:
+          raise ValueError(f'drop_lowest on the scanned block {path!r} needs its layer index: '
+                           'the block must take it as its `layer` argument (as '
+                           'vadapt.models.vit does), or build the model with scan=False.')
+        above, inner = self.scan_layer >= self.drop_lowest, gate
+        gate = lambda a: jnp.where(above, inner(a), jnp.zeros_like(a))
+    dropped = self.drop_lowest and layer is not None and layer < self.drop_lowest
+    if dropped:
       y = call(x)
     elif isinstance(selection, (jax.Array, np.ndarray)) or self.copies is not None:
       y = self._dynamic(module, path, hits, call, x, gate)
@@ -544,13 +590,21 @@ class MultiAdapted(inject.Adapted):
     """The residual block that holds the members' first adapter in call order, if any."""
     order = _call_order(self.backbone, method, args, kwargs)
     regexes = [re.compile(t.pattern) for m in block.members for t in self.adapter(m).targets]
+    def dropped(path):
+      layer = _layer(path) if drop_lowest else None
+      return layer is not None and layer < drop_lowest
+
     first = next((p for p in order if any(rx.fullmatch(p) for rx in regexes)
-                  and not (drop_lowest and _layer(p) < drop_lowest)), None)
+                  and not dropped(p)), None)
     if first is None:
       return None
     parts = first.split('/')
     for k in range(len(parts), 0, -1):
       if _BLOCK.fullmatch('/'.join(parts[:k])):
+        if _SCANNED.search('/'.join(parts[:k])):
+          # A scan's carry keeps one shape through every layer, and the modules around the scan
+          # mix in arrays of the call's batch (a class token): replicate the input itself.
+          return None
         return '/'.join(parts[:k])
     return None
 

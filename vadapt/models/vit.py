@@ -193,9 +193,14 @@ class Encoder1DBlock(nn.Module):
 
 
 class _ScanEncoder1DBlock(Encoder1DBlock):
-  """The same block with nn.scan's (carry, xs) -> (carry, ys) signature; ys are block outputs."""
+  """The same block with nn.scan's (carry, xs) -> (carry, ys) signature; ys are block outputs.
 
-  def __call__(self, inputs, deterministic=True):  # pytype: disable=signature-mismatch
+  xs is the block's index (an int32 scalar, `layer`): the block ignores it; it tells code that
+  intercepts the block (vadapt.multi's AdapterDrop at inference) which layer is running.
+  """
+
+  def __call__(self, inputs, layer, deterministic=True):  # pytype: disable=signature-mismatch
+    del layer
     x = super().__call__(inputs, deterministic)
     return x, x
 
@@ -397,12 +402,13 @@ class Encoder(nn.Module):
     if self.scan:
       block_cls = _ScanEncoder1DBlock
       if self.remat:
-        block_cls = nn.remat(block_cls, prevent_cse=False, static_argnums=(2,),
+        block_cls = nn.remat(block_cls, prevent_cse=False, static_argnums=(3,),
                              policy=get_remat_policy(self.remat_policy))
       x, blocks = nn.scan(
           block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-          in_axes=nn.broadcast, length=self.num_layers,
-      )(name='encoderblock', **block_kwargs)(x, not train)
+          in_axes=(0, nn.broadcast), length=self.num_layers,
+      )(name='encoderblock', **block_kwargs)(x, jnp.arange(self.num_layers, dtype=jnp.int32),
+                                             not train)
     else:
       block_cls = (nn.remat(Encoder1DBlock, static_argnums=(2,),
                             policy=get_remat_policy(self.remat_policy))

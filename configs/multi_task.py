@@ -26,11 +26,21 @@ Tasks:
   fused     AdapterFusion of pets and flowers (adapters placed alike), trained on oxford_iiit_pet
 With `test`: tasks even (pfeiffer, digits 0 2 4 6 8), odd (pfeiffer, bottleneck 4, digits 1 3 5 7
 9) and fused (AdapterFusion of even and odd on all ten digits).
+With `dinov2`: the real DINOv2 ViT-S/14 on Fashion-MNIST, sized for two CPU cores as
+configs/dinov2_fashion_mnist.py (`python -m vadapt.artifacts` fetches both): tasks even (Houlsby,
+classes 0 2 4 6 8), odd (Houlsby, classes 1 3 5 7 9), all (Houlsby, the ten classes) and fused
+(AdapterFusion of even and odd on the ten classes); benchmarks/multi_adapter.py --real trains
+them one after another.
 
 Arguments after ':' (comma separated):
-  variant=B/16      ViT variant
-  steps=2000        training steps per task
-  test              a seconds-long CPU run (tiny mu/4 ViT at 32x32, offline digits, 4 steps):
+  variant=B/16      ViT variant (not with dinov2)
+  steps=0           training steps per task; 0: 2000 (100 with dinov2)
+  dinov2            the real DINOv2 ViT-S/14 and Fashion-MNIST
+  size=56           with dinov2: backbone.image_size, a multiple of 14
+  train=4000        with dinov2: the first n train images (each task keeps its classes of them)
+  eval=2000         with dinov2: the first n test images (likewise)
+  test              a seconds-long CPU run (tiny mu/4 ViT at 32x32, offline digits, 4 steps;
+                    with dinov2, the real backbone and data at 28 px, 64 images, 2 steps):
 
   python -m vadapt.main --config=configs/multi_task.py:test --workdir=/tmp/tasks \
       --config.task=even
@@ -65,14 +75,43 @@ def task(c: ml_collections.ConfigDict, method: str, *, members: tuple[str, ...] 
   return t
 
 
+EVEN, ODD = (0, 2, 4, 6, 8), (1, 3, 5, 7, 9)
+
+
+def _dinov2(arg) -> ml_collections.ConfigDict:
+  """The real DINOv2 ViT-S/14 on Fashion-MNIST (configs/dinov2_fashion_mnist.py's recipe) with
+  the tasks even, odd, all (Houlsby adapters) and fused (AdapterFusion of even and odd)."""
+  from configs import dinov2_fashion_mnist  # pylint: disable=g-import-not-at-top
+  c = dinov2_fashion_mnist.get_config(
+      f'method=houlsby,size={arg.size},train={arg.train},steps={arg.steps or 100}'
+      + (',test' if arg.test else ''))
+  del c['compare']
+  if not arg.test:
+    c.input.eval_split = f'test[:{arg.eval}]'
+  c.adapters = ml_collections.ConfigDict({
+      'even': task(c, 'houlsby', data=dict(classes=EVEN)),
+      'odd': task(c, 'houlsby', data=dict(classes=ODD)),
+      'all': task(c, 'houlsby'),
+      'fused': task(c, 'fusion', members=('even', 'odd')),
+  })
+  c.task = 'even'
+  return c
+
+
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant='B/16', steps=2000, test=False)
+  arg = common.parse_arg(arg, variant='B/16', steps=0, test=False, dinov2=False, size=56,
+                         train=4000, eval=2000)
+  if arg.dinov2:
+    c = _dinov2(arg)
+    c.eval_all_tasks = True
+    c.eval_mixed = False
+    return c
   c = common.base_config()
   c.backbone.variant = arg.variant
   c.backbone.image_size = 224
   c.optimizer.learning_rate = 1e-3
   c.label_smoothing = 0.1
-  c.total_steps = arg.steps
+  c.total_steps = arg.steps or 2000
   c.batch_size = 256
   c.eval_batch_size = 256
   c.input.source = 'tfds'

@@ -237,6 +237,10 @@ def test_mixed_evaluation_equals_the_per_task_evaluation(trained):
     (['--config.adapters.even.dir=/no/such/dir'], "adapter config not found: '/no/such/dir/"),
     (['--mode=zeroshot'], '--mode=zeroshot does not take a multi-task config'),
     (['--mode=eval_tasks'], 'No task of'),
+    (['--mode=predict', '--manifest=requests.txt', '--adapter=even'],
+     '--manifest names every image and its task; drop --images and --adapter.'),
+    (['--mode=predict', '--manifest=/no/requests.txt'],
+     "Manifest '/no/requests.txt' does not exist."),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, extra, cause):
   w = tmp_path / 'w'

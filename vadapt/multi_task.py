@@ -22,7 +22,10 @@ Training a task loads every task trained so far (WORKDIR/adapters/<name>, or its
 backbone, frozen: only the task's own adapter and head train (vadapt.multi.rules), so the others
 stay bit-identical. A fusion task trains its fusion layers and head over its frozen members,
 which are trained first. Evaluating all tasks runs the ordinary adapters through one compiled
-program: the adapter is chosen by index, as data (vadapt.multi).
+program: the adapter is chosen by index, as data (vadapt.multi); with config.eval_mixed the tasks'
+eval splits are interleaved into mixed batches (each example with its own adapter and head) and
+give the same accuracies. `--mode=predict --manifest=FILE` serves 'IMAGE TASK' requests the same
+way (MixedPredictor): mixed batches through one compiled program.
 """
 
 from __future__ import annotations

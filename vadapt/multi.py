@@ -31,9 +31,11 @@ the batch is then replicated only at the first block that still adapts, so the b
 once for all tasks. A scan model (vadapt.models.vit with scan=True) runs every block as one
 module: its lowest k layers' adapters add exact zeros (chosen by the layer index the scan passes
 each block, as data), and Parallel replicates the input (a scan's carry keeps one shape), so the
-outputs equal the unrolled model's but the lower blocks are not shared. `adapt(..., drop_rate=r)` is AdapterDrop during training, as in vadapt.inject:
-each layer's adapters (whichever the call selects) add nothing to a training call with
-probability r, drawn per layer and call from the 'dropout' rng.
+outputs equal the unrolled model's but the lower blocks are not shared.
+
+`adapt(..., drop_rate=r)` is AdapterDrop during training, as in vadapt.inject: each layer's
+adapters (whichever the call selects) add nothing to a training call with probability r, drawn
+per layer and call from the 'dropout' rng.
 """
 
 from __future__ import annotations
@@ -202,18 +204,23 @@ def _layer(path: str) -> Optional[int]:
                    f'encoderblock_3, or a scanned encoderblock); {path!r} has none.')
 
 
+@functools.lru_cache(maxsize=None)
+def _layer_position(cls: type) -> Optional[int]:
+  """Where a module class's __call__ takes a `layer` argument (after self), else None."""
+  try:
+    names = [n for n in inspect.signature(cls.__call__).parameters if n != 'self']
+  except (TypeError, ValueError):
+    return None
+  return names.index('layer') if 'layer' in names else None
+
+
 def _scan_layer(module: nn.Module, args, kwargs) -> Optional[jax.Array]:
   """The layer index a scanned block receives as its `layer` argument (vadapt.models.vit runs
   nn.scan over the block indices), else None."""
-  try:
-    params = inspect.signature(type(module).__call__).parameters
-  except (TypeError, ValueError):
+  position = _layer_position(type(module))
+  if position is None:
     return None
-  if 'layer' not in params:
-    return None
-  names = [n for n in params if n != 'self']
-  value = kwargs.get('layer', args[names.index('layer')] if names.index('layer') < len(args)
-                     else None)
+  value = kwargs.get('layer', args[position] if position < len(args) else None)
   if (isinstance(value, jax.Array) and value.ndim == 0
       and jnp.issubdtype(value.dtype, jnp.integer)):
     return value
@@ -590,6 +597,7 @@ class MultiAdapted(inject.Adapted):
     """The residual block that holds the members' first adapter in call order, if any."""
     order = _call_order(self.backbone, method, args, kwargs)
     regexes = [re.compile(t.pattern) for m in block.members for t in self.adapter(m).targets]
+
     def dropped(path):
       layer = _layer(path) if drop_lowest else None
       return layer is not None and layer < drop_lowest

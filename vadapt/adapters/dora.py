@@ -51,10 +51,10 @@ class DoRA(nn.Module):
     a = self.param('a', frozen.fan_in_uniform(), in_dims + (self.rank,), self.param_dtype)
     b = self.param('b', nn.initializers.zeros, (self.rank,) + out_dims, self.param_dtype)
     m = self.param('magnitude',
-                   lambda *_: frozen.column_norm(w.astype(jnp.float32), 0, n_out).astype(
+                   lambda *_: frozen.column_norm(frozen.wide(w), 0, n_out).astype(
                        self.param_dtype), out_dims, self.param_dtype)
-    v = w.astype(jnp.float32) + lora.lora_delta(a, b, w.shape, self.scale)
-    factor = m.astype(jnp.float32) / jax.lax.stop_gradient(frozen.column_norm(v, 0, n_out))
+    v = frozen.wide(w) + lora.lora_delta(a, b, w.shape, self.scale)
+    factor = frozen.wide(m) / jax.lax.stop_gradient(frozen.column_norm(v, 0, n_out))
     h = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     base = frozen.apply_with_kernel(layer, w, h, features_ndim=n_out)
     low = lora.low_rank(layer, a, b, h) * self.scale
@@ -94,10 +94,10 @@ class DoRAConfig:
     """The layer's params with the kernel replaced by m * V / ||V||_c."""
     del position
     kernel, a, b, m = layer['kernel'], adapter['a'], adapter['b'], adapter['magnitude']
-    v = kernel.astype(jnp.float32) + lora.lora_delta(a, b, kernel.shape, self.scale)
+    v = frozen.wide(kernel) + lora.lora_delta(a, b, kernel.shape, self.scale)
     n_lead = a.ndim + b.ndim - 2 - kernel.ndim
     n_out = m.ndim - n_lead
-    factor = m.astype(jnp.float32) / frozen.column_norm(v, n_lead, n_out)
+    factor = frozen.wide(m) / frozen.column_norm(v, n_lead, n_out)
     return {**layer, 'kernel': (frozen.expand_out(factor, v.ndim, n_lead) * v).astype(
         kernel.dtype)}
 

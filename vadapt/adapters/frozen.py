@@ -62,6 +62,12 @@ def apply_with_kernel(layer: nn.Module, kernel_value: jax.Array, x: jax.Array,
   return twin.apply({'params': {'kernel': kernel_value}}, x)
 
 
+def wide(x: jax.Array, *others: jax.Array) -> jax.Array:
+  """x in the dtype the weight arithmetic runs in: its (and `others`') dtype, at least float32
+  (bfloat16 -> float32; float64, as in an f64 reference computation, stays float64)."""
+  return x.astype(jnp.promote_types(jnp.result_type(x, *others), jnp.float32))
+
+
 def fan_in_uniform() -> nn.initializers.Initializer:
   """PyTorch's Linear/Conv default (kaiming_uniform with a=sqrt(5)), as peft inits LoRA's A:
   U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = every axis but the last."""

@@ -53,21 +53,21 @@ class IA3Config:
       raise ValueError(f'(IA)³ can only be merged into a layer with a kernel; this layer holds '
                        f'{sorted(layer)}.')
     w = layer['kernel']
-    scale = adapter['scale'].astype(jnp.float32)
+    scale = frozen.wide(adapter['scale'])
     op = jnp.divide if invert else jnp.multiply
     out = dict(layer)
     if position == 'input':
       if tuple(w.shape[:scale.ndim]) != tuple(scale.shape):
         raise ValueError(f'(IA)³ input scale {scale.shape} does not match the input axes of '
                          f'the kernel {w.shape}.')
-      out['kernel'] = op(w.astype(jnp.float32),
+      out['kernel'] = op(frozen.wide(w),
                          scale.reshape(scale.shape + (1,) * (w.ndim - scale.ndim))).astype(w.dtype)
       return out
     n_lead = frozen.out_lead_ndim(w.shape, scale.shape, '(IA)³')
-    out['kernel'] = op(w.astype(jnp.float32),
+    out['kernel'] = op(frozen.wide(w),
                        frozen.expand_out(scale, w.ndim, n_lead)).astype(w.dtype)
     if 'bias' in layer:
-      out['bias'] = op(layer['bias'].astype(jnp.float32), scale).astype(layer['bias'].dtype)
+      out['bias'] = op(frozen.wide(layer['bias']), scale).astype(layer['bias'].dtype)
     return out
 
   def merge(self, layer: dict[str, Any], adapter: dict[str, Any], position: str) -> dict:

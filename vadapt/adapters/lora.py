@@ -48,8 +48,7 @@ def lora_delta(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...], scale:
   lead, r = a.shape[:n_lead], a.shape[-1]
   if n_lead < 0 or b.shape[n_lead] != r or b.shape[:n_lead] != lead:
     raise ValueError(f'LoRA factors {a.shape} and {b.shape} do not fit a kernel {kernel_shape}.')
-  a2 = a.reshape(lead + (-1, r)).astype(jnp.float32)
-  b2 = b.reshape(lead + (r, -1)).astype(jnp.float32)
+  a2, b2 = frozen.wide(a.reshape(lead + (-1, r)), b), frozen.wide(b.reshape(lead + (r, -1)), a)
   delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
   if math.prod(delta.shape) != math.prod(kernel_shape):
     raise ValueError(f'LoRA factors {a.shape} and {b.shape} do not fit a kernel {kernel_shape}.')
@@ -135,14 +134,14 @@ class LoRAConfig:
     del position
     kernel = layer['kernel']
     delta = lora_delta(adapter['a'], adapter['b'], kernel.shape, self.scale)
-    return {**layer, 'kernel': (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
+    return {**layer, 'kernel': (frozen.wide(kernel) + delta).astype(kernel.dtype)}
 
   def unmerge(self, layer: dict[str, Any], adapter: dict[str, Any], position: str) -> dict:
     """The inverse of merge up to rounding: the kernel minus s A B."""
     del position
     kernel = layer['kernel']
     delta = lora_delta(adapter['a'], adapter['b'], kernel.shape, self.scale)
-    return {**layer, 'kernel': (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)}
+    return {**layer, 'kernel': (frozen.wide(kernel) - delta).astype(kernel.dtype)}
 
   def to_dict(self) -> dict[str, Any]:
     return {'kind': 'lora', **dataclasses.asdict(self)}

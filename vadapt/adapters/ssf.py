@@ -60,7 +60,7 @@ class SSFConfig:
 
   def _vectors(self, layer, adapter):
     mult, add = _layer_vectors(layer, 'SSF')
-    scale, shift = adapter['scale'].astype(jnp.float32), adapter['shift'].astype(jnp.float32)
+    scale, shift = frozen.wide(adapter['scale']), frozen.wide(adapter['shift'])
     w = layer[mult]
     if mult == 'kernel':
       n_lead = frozen.out_lead_ndim(w.shape, scale.shape, 'SSF')
@@ -74,16 +74,16 @@ class SSFConfig:
     del position
     mult, add, scale, shift, scale_w = self._vectors(layer, adapter)
     w, b = layer[mult], layer[add]
-    return {**layer, mult: (w.astype(jnp.float32) * scale_w).astype(w.dtype),
-            add: (b.astype(jnp.float32) * scale + shift).astype(b.dtype)}
+    return {**layer, mult: (frozen.wide(w) * scale_w).astype(w.dtype),
+            add: (frozen.wide(b) * scale + shift).astype(b.dtype)}
 
   def unmerge(self, layer: dict[str, Any], adapter: dict[str, Any], position: str) -> dict:
     del position
     # A scale trained to exactly 0 erased its feature: dividing gives inf/nan there.
     mult, add, scale, shift, scale_w = self._vectors(layer, adapter)
     w, b = layer[mult], layer[add]
-    return {**layer, mult: (w.astype(jnp.float32) / scale_w).astype(w.dtype),
-            add: ((b.astype(jnp.float32) - shift) / scale).astype(b.dtype)}
+    return {**layer, mult: (frozen.wide(w) / scale_w).astype(w.dtype),
+            add: ((frozen.wide(b) - shift) / scale).astype(b.dtype)}
 
   def to_dict(self) -> dict[str, Any]:
     return {'kind': 'ssf'}

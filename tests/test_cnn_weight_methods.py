@@ -222,3 +222,30 @@ def test_methods_without_a_cnn_placement_and_bad_options():
   with pytest.raises(ValueError, match="adapter.scope='Transformer' selects a transformer "
                      "encoder; backbone.model='efficientnet_lite' is a CNN"):
     experiment.adapter_spec(config)
+
+
+def test_lora_on_a_depthwise_conv_follows_peft_rule():
+  """peft's rule for LoRA on a grouped conv: the rank divisible by the groups (here a depthwise
+  conv's channels); A dense, B per group, identity at init; it does not merge. DoRA refuses."""
+  effnet = TINY['efficientnet']()
+  variables = _variables(effnet)
+  channels = variables['params']['blocks_0']['depthwise_conv']['kernel'].shape[-1]
+  target = ['blocks_0/depthwise_conv']
+  with pytest.raises(ValueError, match=r"LoRA on 'blocks_0/depthwise_conv': a grouped convolution "
+                     rf"\(feature_group_count={channels}\) takes a rank divisible by its "
+                     rf"{channels} groups \(as in peft\); found rank 2"):
+    jax.eval_shape(api.adapt(effnet, 'lora', rank=2, targets=target).init, jax.random.key(0), X)
+  with pytest.raises(ValueError, match=r"DoRA on 'blocks_0/depthwise_conv': grouped convolutions"):
+    jax.eval_shape(api.adapt(effnet, 'dora', rank=channels, targets=target).init,
+                   jax.random.key(0), X)
+  adapted = api.adapt(effnet, 'lora', rank=channels, targets=target)
+  init = _init(adapted, variables)
+  assert {k: v.shape for k, v in flatten(init['params']).items() if '/lora/' in k} == {
+      'blocks_0/depthwise_conv/lora/a': (3, 3, channels, channels),
+      'blocks_0/depthwise_conv/lora/b': (1, channels)}
+  run = jax.jit(lambda m, v: m.apply(v, X), static_argnums=0)
+  np.testing.assert_array_equal(run(adapted, init), run(effnet, variables))
+  moved = {**init, 'params': _perturb(init['params'], 'lora')}
+  assert float(jnp.abs(run(adapted, moved) - run(effnet, variables)).max()) > 0
+  with pytest.raises(ValueError, match='grouped convolution .* cannot be merged'):
+    merge.merge(adapted, moved['params'])

@@ -15,8 +15,10 @@ peft's tensors map onto vadapt's params as follows (r = rank):
   DoRA    lora_magnitude_vector   -> magnitude reshaped to out_dims
 """
 
+import copy
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,9 @@ transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
 
 TOLERANCE = 1e-5
+# peft folds B A into the kernel in f32: a rank-4 dot (3 adds), a scale and an add, each
+# rounding by at most half an ulp of |W| + s |B| |A|.
+MERGE_ULPS = 3.0
 RANK, ALPHA = 4, 8
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             image_size=32, patch_size=4)
@@ -89,13 +94,13 @@ def _peft_tensors(peft_model, to_path, name):
   return out
 
 
-def _peft_forward(model, method, targets, inputs, to_path):
+def _peft_forward(model, method, targets, inputs, to_path, rank=RANK):
   """(the model's output, peft's output, its adapter tensors by vadapt path) with random
   factors; `model` is left without adapters afterwards."""
   with torch.no_grad():
     bare = model(**inputs)
   peft_model = peft.get_peft_model(model, peft.LoraConfig(
-      r=RANK, lora_alpha=ALPHA, target_modules=targets, use_dora=method == 'dora'))
+      r=rank, lora_alpha=ALPHA, target_modules=targets, use_dora=method == 'dora'))
   try:
     peft_model.eval()
     _randomise_lora(peft_model, seed=2)
@@ -222,3 +227,119 @@ def test_resnet_convs_match_peft(kind, method, tmp_path):
         f'{err:.2e}; the adapters move the output by {effect:.2e}')
   assert err <= TOLERANCE
   assert effect > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------- merging, against merge_and_unload
+
+
+def _torch_weight(kernel: np.ndarray, torch_shape) -> np.ndarray:
+  """A vadapt kernel in PyTorch's layout: Dense/DenseGeneral (in..., out...) -> (out, in);
+  Conv (kh, kw, C, out) -> (out, C, kh, kw)."""
+  if len(torch_shape) == 4:
+    return np.transpose(kernel, (3, 2, 0, 1))
+  return kernel.reshape(torch_shape[1], torch_shape[0]).T
+
+
+def test_vit_lora_merge_matches_peft_merge_and_unload(hf_vit):
+  """vadapt.merge.merge and peft's merge_and_unload fold the same LoRA into the same kernels.
+
+  Both merged kernels are compared with the exact W + s B A (float64, from peft's own tensors):
+  vadapt's is its correctly rounded value bit for bit; peft's (computed in f32 by torch) within
+  MERGE_ULPS ulps of the terms' magnitude |W| + |s B A|. The two merged models' outputs then
+  agree as the unmerged ones do (TOLERANCE).
+  """
+  from vadapt import merge  # pylint: disable=g-import-not-at-top
+  hf, backbone, params, images = hf_vit
+  peft_model = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+      r=RANK, lora_alpha=ALPHA, target_modules=PEFT_VIT_TARGETS))
+  peft_model.eval()
+  _randomise_lora(peft_model, seed=2)
+  tensors = _peft_tensors(peft_model, _vit_path, 'lora')
+  state = {k: v.numpy().astype(np.float64) for k, v in peft_model.state_dict().items()}
+  merged_hf = peft_model.merge_and_unload()
+  pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    ref = merged_hf(pixel_values=pixels).last_hidden_state.numpy()
+
+  model = api.adapt(backbone, 'lora', rank=RANK, alpha=ALPHA, targets=VIT_TARGETS)
+  bare = merge.merge(model, _with_adapters(model, params, tensors, images))
+  ours = flatten(bare)
+  theirs = merged_hf.state_dict()
+  scale, worst = ALPHA / RANK, 0.0
+  for torch_module in {k.rpartition('.lora_A')[0] for k in state if '.lora_A.' in k}:
+    name = torch_module[len('base_model.model.'):]
+    w, a, b = (state[f'{torch_module}.{n}'] for n in (
+        'base_layer.weight', 'lora_A.default.weight', 'lora_B.default.weight'))
+    delta = scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(w.shape)
+    exact = w + delta
+    got = _torch_weight(np.asarray(ours[f'{_vit_path(name)}/kernel']), w.shape)
+    np.testing.assert_array_equal(got, exact.astype(np.float32), err_msg=name)
+    # The magnitude f32 rounding acts on: |W| + s |B| |A|.
+    terms = np.abs(w) + scale * (np.abs(b.reshape(b.shape[0], -1)) @ np.abs(
+        a.reshape(a.shape[0], -1))).reshape(w.shape)
+    ulps = np.abs(theirs[f'{name}.weight'].numpy() - exact) / np.spacing(terms.astype(np.float32))
+    worst = max(worst, float(ulps.max()))
+    assert ulps.max() <= MERGE_ULPS, (name, ulps.max())
+  out = jax.jit(lambda p, x: backbone.apply({'params': p}, x, return_features=True)[1][
+      'encoded'])(bare, images)
+  err = _rel_err(out, ref)
+  print(f'\nmerged LoRA vs peft merge_and_unload on the tiny ViT: kernels within {worst:.2f} ulps; '
+        f'outputs max relative error {err:.2e}')
+  assert err <= TOLERANCE
+
+
+# ------------------------------------------------------------------ LoRA on grouped convolutions
+
+G, C_IN, C_MID = 4, 8, 12
+
+
+class _GroupedTorch(torch.nn.Module if torch else object):
+  """A grouped 3x3 conv (4 groups) and a depthwise one (12 groups), as PyTorch writes them."""
+
+  def __init__(self):
+    super().__init__()
+    self.grouped = torch.nn.Conv2d(C_IN, C_MID, 3, padding=1, groups=G)
+    self.depthwise = torch.nn.Conv2d(C_MID, C_MID, 3, stride=2, padding=1, groups=C_MID)
+
+  def forward(self, x):
+    return self.depthwise(torch.relu(self.grouped(x)))
+
+
+class _GroupedFlax(nn.Module):
+  """The same convolutions in Flax (padding 1 on each side, as PyTorch's padding=1)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(C_MID, (3, 3), padding=1, feature_group_count=G, name='grouped')(x)
+    return nn.Conv(C_MID, (3, 3), strides=2, padding=1, feature_group_count=C_MID,
+                   name='depthwise')(jax.nn.relu(x))
+
+
+def test_lora_on_grouped_convs_matches_peft():
+  """peft's LoRA on Conv2d with groups: A a dense conv, B a grouped 1x1 conv, rank a multiple
+  of the groups (here r = 12 for a 4-group and a 12-group depthwise conv). Neither merges it."""
+  from vadapt import merge  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  net = _GroupedTorch().eval()
+  images = np.random.default_rng(4).standard_normal((2, 9, 9, C_IN)).astype(np.float32)
+  params = {name: {'kernel': np.transpose(m.weight.detach().numpy(), (2, 3, 1, 0)),
+                   'bias': m.bias.detach().numpy()}
+            for name, m in (('grouped', net.grouped), ('depthwise', net.depthwise))}
+  bare, ref, tensors = _peft_forward(
+      net, 'lora', ['grouped', 'depthwise'], dict(x=torch.from_numpy(images).permute(0, 3, 1, 2)),
+      lambda name: name, rank=C_MID)
+  ref, bare = ref.permute(0, 2, 3, 1).numpy(), bare.permute(0, 2, 3, 1).numpy()
+  model = api.adapt(_GroupedFlax(), 'lora', rank=C_MID, alpha=ALPHA,
+                    targets=['grouped', 'depthwise'])
+  adapted = _with_adapters(model, params, tensors, images)
+  assert {k: v.shape for k, v in flatten(adapted).items() if '/lora/' in k} == {
+      'grouped/lora/a': (3, 3, C_IN, C_MID), 'grouped/lora/b': (C_MID // G, C_MID),
+      'depthwise/lora/a': (3, 3, C_MID, C_MID), 'depthwise/lora/b': (1, C_MID)}
+  ours = jax.jit(model.apply)({'params': adapted}, images)
+  err, effect = _rel_err(ours, ref), _rel_err(bare, ref)
+  print(f'\nLoRA on grouped/depthwise convs vs peft: max relative error {err:.2e}; the adapters '
+        f'move the output by {effect:.2e}')
+  assert err <= TOLERANCE
+  assert effect > 100 * TOLERANCE
+  with pytest.raises(ValueError, match='grouped convolution .* cannot be merged'):
+    merge.merge(model, adapted)

@@ -31,8 +31,9 @@ def out_ndim(layer: nn.Module) -> int:
   return 1
 
 
-def kernel(layer: nn.Module, adapter: str) -> jax.Array:
-  """The layer's kernel, or a clear error naming the layer when it has none."""
+def kernel(layer: nn.Module, adapter: str, *, grouped: bool = False) -> jax.Array:
+  """The layer's kernel, or a clear error naming the layer when it has none (or is a grouped
+  convolution and the adapter does not take `grouped` ones)."""
   path = '/'.join(str(p) for p in layer.path)
   if not isinstance(layer, KERNEL_LAYERS):
     raise TypeError(f'{adapter} needs a layer with a kernel (nn.Dense, nn.DenseGeneral or '
@@ -40,7 +41,7 @@ def kernel(layer: nn.Module, adapter: str) -> jax.Array:
                     'inside it, e.g. ".../MultiHeadDotProductAttention_0/query".')
   if isinstance(layer, nn.DenseGeneral) and _tuple(layer.batch_dims):
     raise ValueError(f'{adapter} on {path!r}: DenseGeneral with batch_dims is not supported.')
-  if isinstance(layer, nn.Conv) and layer.feature_group_count != 1:
+  if isinstance(layer, nn.Conv) and layer.feature_group_count != 1 and not grouped:
     raise ValueError(f'{adapter} on {path!r}: grouped convolutions (feature_group_count='
                      f'{layer.feature_group_count}) are not supported.')
   if not layer.has_variable('params', 'kernel'):
@@ -48,17 +49,24 @@ def kernel(layer: nn.Module, adapter: str) -> jax.Array:
   return layer.get_variable('params', 'kernel')
 
 
+def groups(layer: nn.Module) -> int:
+  """A convolution's feature_group_count; 1 for every other layer."""
+  return layer.feature_group_count if isinstance(layer, nn.Conv) else 1
+
+
 def apply_with_kernel(layer: nn.Module, kernel_value: jax.Array, x: jax.Array,
-                      features_ndim: int = 1) -> jax.Array:
+                      features_ndim: int = 1, *, dense: bool = False) -> jax.Array:
   """The layer's own op (same axes, strides, padding, precision) with another kernel, no bias;
-  the kernel's last features_ndim axes are the output features.
+  the kernel's last features_ndim axes are the output features. `dense`: a grouped convolution's
+  op over all input channels (feature_group_count=1).
 
   LoRA's A is the frozen layer's op with r output features, so one code path serves Dense,
   DenseGeneral (q/k/v, out) and Conv.
   """
   features = kernel_value.shape[-features_ndim:]
+  ungrouped = {'feature_group_count': 1} if dense and isinstance(layer, nn.Conv) else {}
   twin = layer.clone(parent=None, name=None, use_bias=False,
-                     features=features if len(features) > 1 else features[0])
+                     features=features if len(features) > 1 else features[0], **ungrouped)
   return twin.apply({'params': {'kernel': kernel_value}}, x)
 
 

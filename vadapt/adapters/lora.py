@@ -7,6 +7,12 @@ A); ``B`` maps r to the output axes (``b``: (r,) + out_dims, e.g. (r, H, D/H) fo
 A starts as PyTorch's/peft's kaiming-uniform, B at zero: the adapted model equals its backbone
 at init, bit for bit. s = alpha / r. Dropout acts on x before A, as in peft.
 
+A grouped convolution (``feature_group_count`` G > 1) takes LoRA as peft's Conv2d does when
+r is a multiple of G: A is a dense conv over all C_in input channels (``a``: (kh, kw, C_in, r)),
+B a grouped 1x1 conv, the rank's r/G channels of group g feeding that group's outputs (``b``:
+(r/G, C_out), flax's grouped-kernel layout). Its update mixes every input channel into every
+group, which no grouped kernel can hold: like peft, vadapt does not merge it.
+
 ``merge`` folds s A B into the kernel (vadapt.merge); ``unmerge`` subtracts it again.
 """
 
@@ -56,9 +62,11 @@ def lora_delta(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...], scale:
 
 
 def split_kernel(layer: nn.Module, w: jax.Array, rank: int, what: str):
-  """(in_dims, out_dims) of the layer's kernel, checking that rank fits the layer's width."""
+  """(in_dims, out_dims) of the layer's op, checking that rank fits the layer's width; a grouped
+  conv's in_dims count all its input channels."""
   n_out = frozen.out_ndim(layer)
   in_dims, out_dims = tuple(w.shape[:-n_out]), tuple(w.shape[-n_out:])
+  in_dims = in_dims[:-1] + (in_dims[-1] * frozen.groups(layer),)
   width = min(math.prod(in_dims), math.prod(out_dims))
   if rank > width:
     raise ValueError(
@@ -69,9 +77,35 @@ def split_kernel(layer: nn.Module, w: jax.Array, rank: int, what: str):
 
 
 def low_rank(layer: nn.Module, a: jax.Array, b: jax.Array, x: jax.Array) -> jax.Array:
-  """B(A(x)): A through the layer's own op (r outputs), then B over the rank axis."""
-  h = frozen.apply_with_kernel(layer, a, x)
-  return jnp.tensordot(h, b.astype(h.dtype), axes=1)
+  """B(A(x)): A through the layer's own op (r outputs, over all input channels), then B over
+  the rank axis (per group for a grouped conv)."""
+  h = frozen.apply_with_kernel(layer, a, x, dense=True)
+  g = frozen.groups(layer)
+  if g == 1:
+    return jnp.tensordot(h, b.astype(h.dtype), axes=1)
+  per_rank, out = b.shape
+  y = jnp.einsum('...gi,igo->...go', h.reshape(h.shape[:-1] + (g, per_rank)),
+                 b.astype(h.dtype).reshape(per_rank, g, out // g))
+  return y.reshape(h.shape[:-1] + (out,))
+
+
+def check_groups(layer: nn.Module, rank: int) -> None:
+  """peft's rule for LoRA on a grouped convolution: the rank divides into the groups."""
+  g = frozen.groups(layer)
+  if rank % g:
+    raise ValueError(
+        f'LoRA on {"/".join(str(p) for p in layer.path)!r}: a grouped convolution '
+        f'(feature_group_count={g}) takes a rank divisible by its {g} groups (as in peft); '
+        f'found rank {rank}.')
+
+
+def _check_not_grouped(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...]) -> None:
+  n_lead = a.ndim + b.ndim - 2 - len(kernel_shape)
+  if n_lead >= 0 and b.shape[n_lead] != a.shape[-1]:
+    raise ValueError(
+        f'LoRA on a grouped convolution (kernel {tuple(kernel_shape)}, B {tuple(b.shape)}) cannot '
+        'be merged: its A mixes all input channels into every group, which a grouped kernel '
+        'cannot hold (peft does not merge it either); serve the adapted model unmerged.')
 
 
 class LoRA(nn.Module):
@@ -91,10 +125,12 @@ class LoRA(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
     layer = self.parent
-    w = frozen.kernel(layer, 'LoRA')
+    w = frozen.kernel(layer, 'LoRA', grouped=True)
+    check_groups(layer, self.rank)
     in_dims, out_dims = split_kernel(layer, w, self.rank, 'LoRA')
     a = self.param('a', frozen.fan_in_uniform(), in_dims + (self.rank,), self.param_dtype)
-    b = self.param('b', nn.initializers.zeros, (self.rank,) + out_dims, self.param_dtype)
+    b = self.param('b', nn.initializers.zeros,
+                   (self.rank // frozen.groups(layer),) + out_dims, self.param_dtype)
     h = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     y = low_rank(layer, a, b, h)
     return (y * self.scale).astype(x.dtype) if self.scale != 1.0 else y.astype(x.dtype)
@@ -133,6 +169,7 @@ class LoRAConfig:
     """The layer's params with s A B added to its kernel."""
     del position
     kernel = layer['kernel']
+    _check_not_grouped(adapter['a'], adapter['b'], kernel.shape)
     delta = lora_delta(adapter['a'], adapter['b'], kernel.shape, self.scale)
     return {**layer, 'kernel': (frozen.wide(kernel) + delta).astype(kernel.dtype)}
 
@@ -140,6 +177,7 @@ class LoRAConfig:
     """The inverse of merge up to rounding: the kernel minus s A B."""
     del position
     kernel = layer['kernel']
+    _check_not_grouped(adapter['a'], adapter['b'], kernel.shape)
     delta = lora_delta(adapter['a'], adapter['b'], kernel.shape, self.scale)
     return {**layer, 'kernel': (frozen.wide(kernel) - delta).astype(kernel.dtype)}
 

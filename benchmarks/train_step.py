@@ -2,8 +2,9 @@ r"""Train-step throughput and peak memory: full fine-tuning vs adapters vs linea
 
   python benchmarks/train_step.py                       # ViT-B/16, 224px, batch 8, f32
   python benchmarks/train_step.py --variant=mu/4 --image_size=32 --steps=2   # a quick smoke run
-  python benchmarks/train_step.py --methods=forward,forward+lora,forward+lora_merged   # inference:
-      # bare backbone vs LoRA next to its layers vs LoRA merged into them (also ssf, ssf_merged)
+  python benchmarks/train_step.py --methods=full,houlsby,lora   # some methods
+
+Inference latency of the weight-space methods merged and unmerged: benchmarks/merge_latency.py.
 
 Each method runs in its own fresh process (peak RSS from resource.getrusage is per process), using
 the trainer's own pieces: vadapt.experiment.build_model / label_rules / make_optimizer /
@@ -25,14 +26,11 @@ import time
 
 # 'name+remat' rematerialises every encoder block in the backward pass (backbone.remat=True);
 # 'name+remat_dots' does so keeping the Dense outputs (backbone.remat_policy='dots').
-METHODS = ('full', 'houlsby', 'pfeiffer', 'lora', 'dora', 'ssf', 'ia3', 'bitfit', 'vpt_shallow',
-           'vpt_deep', 'linear', 'full+remat', 'houlsby+remat', 'pfeiffer+remat',
-           'houlsby+remat_dots', 'pfeiffer+remat_dots')
-# Inference latency: the bare backbone ('forward'), a weight-space method unmerged
-# ('forward+lora': the adapter runs next to its layer) and merged into the backbone
-# ('forward+lora_merged': vadapt.merge, then the bare backbone's forward on the merged params).
-INFERENCE_METHODS = ('forward', 'forward+lora', 'forward+lora_merged', 'forward+ssf',
-                     'forward+ssf_merged')
+# Every method of the family, one row each ('--methods=family'), then the remat variants.
+FAMILY = ('full', 'linear', 'houlsby', 'pfeiffer', 'parallel', 'lora', 'dora', 'ssf', 'ia3',
+          'bitfit', 'vpt_shallow', 'vpt_deep')
+METHODS = FAMILY + ('full+remat', 'houlsby+remat', 'pfeiffer+remat', 'houlsby+remat_dots',
+                    'pfeiffer+remat_dots')
 # XLA:CPU's default concurrency-optimised scheduler orders the step for parallelism, not memory:
 # it keeps about 0.5 GiB more of ViT-B/16's activations alive and cancels remat's saving
 # entirely (same temporaries with and without remat). The benchmark turns it off for every
@@ -54,8 +52,6 @@ def _worker(args) -> dict:
   from vadapt import api, experiment, partition, train  # pylint: disable=g-import-not-at-top
   rss_imports = _rss_mib()
   method, _, option = args.method.partition('+')
-  if method == 'forward':
-    return _forward_worker(args, rss_imports, option)
   if option not in ('', 'remat', 'remat_dots'):
     raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat' or "
                      "'remat_dots'.")
@@ -148,49 +144,6 @@ def _backbone_config(args, option: str = '') -> dict:
           'overrides': {'patch_size': args.patch_size} if args.patch_size else {}}
 
 
-def _forward_worker(args, rss_imports: float, option: str = '') -> dict:
-  """Inference only: the jitted forward pass (what serving costs) of the bare backbone, or of a
-  weight-space method (option 'lora', 'ssf', ...) unmerged or merged ('lora_merged')."""
-  import jax
-  import jax.numpy as jnp
-  import ml_collections
-  import numpy as np
-  from vadapt import api, backbones, merge  # pylint: disable=g-import-not-at-top
-  model = backbones.make_model(ml_collections.ConfigDict(_backbone_config(args)), 100)
-  images = jnp.asarray(np.random.default_rng(0).normal(
-      size=(args.batch_size, args.image_size, args.image_size, 3)), jnp.float32)
-  params = jax.jit(lambda r: model.init(r, images[:1], train=False)['params'])(
-      jax.random.PRNGKey(0))
-  if option:
-    name = option[:-len('_merged')] if option.endswith('_merged') else option
-    if name not in api.WEIGHT_METHODS:
-      raise ValueError(f'forward+{option}: expected one of {api.WEIGHT_METHODS}, optionally '
-                       "with '_merged'.")
-    adapted = api.adapt(model, name, **({'rank': args.rank} if name in ('lora', 'dora') else {}))
-    params = api.init_with_pretrained(adapted, params, jax.random.PRNGKey(1), images[:1])
-    if option.endswith('_merged'):
-      params = jax.jit(lambda p: merge.merge(adapted, p))(params)  # The bare backbone's params.
-    else:
-      model = adapted
-  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
-  start = time.perf_counter()
-  compiled = fwd.lower(params, images).compile()
-  compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(params, images))
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(params, images))
-    times.append(time.perf_counter() - start)
-  sec = float(np.median(times))
-  total = sum(x.size for x in jax.tree.leaves(params))
-  return {'method': args.method, 'remat': False, 'trainable': 0, 'total': total,
-          'sec_per_step': sec, 'img_per_sec': args.batch_size / sec, 'compile_s': compile_s,
-          'xla_step_mib': None, 'rss_imports_mib': rss_imports,
-          'rss_before_step_mib': rss_imports, 'peak_rss_mib': _rss_mib(), 'loss': float('nan'),
-          'tensorflow_loaded': 'tensorflow' in sys.modules}
-
-
 def _machine() -> str:
   from vadapt import metrics  # pylint: disable=g-import-not-at-top
   cpu = metrics.machine()['cpu']
@@ -257,9 +210,9 @@ def main() -> None:
   parser.add_argument('--rank', type=int, default=8, help='LoRA/DoRA rank (query and value).')
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--methods', default=','.join(METHODS),
-                      help="Comma-separated; append '+remat' (backbone.remat=True) or '+remat_dots' "
-                           "(remat keeping Dense outputs). Inference latency: "
-                           f"{','.join(INFERENCE_METHODS)}.")
+                      help="Comma-separated, or 'family' for every method without remat "
+                           f"({','.join(FAMILY)}); append '+remat' (backbone.remat=True) or "
+                           "'+remat_dots' (remat keeping Dense outputs).")
   parser.add_argument('--xla_cpu_scheduler', choices=('memory', 'default'), default='memory',
                       help=f"'memory' sets {MEMORY_SCHEDULER_FLAG} in every worker.")
   parser.add_argument('--out', default=None, help='Also write the table (markdown) here.')
@@ -275,7 +228,8 @@ def main() -> None:
     env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {MEMORY_SCHEDULER_FLAG}'.strip()
   load_before = os.getloadavg()
   results = []
-  for method in args.methods.split(','):
+  methods = FAMILY if args.methods == 'family' else args.methods.split(',')
+  for method in methods:
     cmd = [sys.executable, os.path.abspath(__file__), f'--method={method}',
            f'--variant={args.variant}', f'--image_size={args.image_size}',
            f'--batch_size={args.batch_size}', f'--bottleneck={args.bottleneck}',
@@ -302,7 +256,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
       f.write(f'# Train step: full fine-tuning vs adapters vs linear probe\n\n'
-              f'Command: `python benchmarks/train_step.py --out={args.out}`\n\n'
+              f'Command: `python benchmarks/train_step.py {" ".join(sys.argv[1:])}`\n\n'
               f'Machine: {machine}\n\n{load}\n\n{table}')
 
 

@@ -248,7 +248,8 @@ def main() -> None:
 
   table = _table(results, args)
   machine = _machine()
-  load = (f'Load average (1/5/15 min) before the run: {", ".join(f"{x:.2f}" for x in load_before)}; '
+  load = (f'Load average (1/5/15 min) before the run: '
+          f'{", ".join(f"{x:.2f}" for x in load_before)}; '
           f'after: {", ".join(f"{x:.2f}" for x in load_after)}.')
   print(table)
   print(f'Machine: {machine}\n{load}')

@@ -35,6 +35,7 @@ merged kernel no longer holds the column norms it was normalised by.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from typing import Any, Iterator, Mapping
 
@@ -72,9 +73,12 @@ def _check_mergeable(model: Adapted) -> None:
                      'non-linear modules of their own.')
 
 
-def _order(located, targets) -> list[tuple[str, int]]:
-  """Per layer: 'input' adapters first, then the rest in target order (how inject applies them)."""
-  return sorted(located, key=lambda k: (k[0], targets[k[1]].position != 'input', k[1]))
+def _by_layer(located, targets) -> list[tuple[str, list[int]]]:
+  """[(layer, target indices)]: per layer, 'input' adapters first, then the rest in target order
+  (how inject applies them)."""
+  order = sorted(located, key=lambda k: (k[0], targets[k[1]].position != 'input', k[1]))
+  return [(layer, [i for _, i in group])
+          for layer, group in itertools.groupby(order, key=lambda k: k[0])]
 
 
 def _layer_params(flat: Mapping[str, Any], layer: str) -> dict[str, Any]:
@@ -92,17 +96,23 @@ def _on_host(flat: Mapping[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _float64(flat: dict[str, Any], keys) -> Iterator[dict[str, Any]]:
-  """Yields `flat` with the float leaves at `keys` in float64 on the host CPU, under x64; on
-  exit each of them is rounded once to its original dtype and put back where it was (a leaf the
-  body left alone comes back unchanged)."""
+def _precise(flat: dict[str, Any], layer: str, adapters: list[Mapping[str, str]]) -> Iterator[None]:
+  """While open, the float leaves of `layer` and of its `adapters` (leaf -> full path) in `flat`
+  are float64 on the host CPU, under x64; on exit each is rounded once to its own dtype and put
+  back where it was (a leaf left alone comes back unchanged). Traced leaves (under jit) stay as
+  they are: the arithmetic then runs in their dtype (at least f32) on the device."""
+  keys = [f'{layer}/{k}' if layer else k for k in _layer_params(flat, layer)]
+  keys += [full for leaves in adapters for full in leaves.values()]
   original = {k: flat[k] for k in keys if jnp.issubdtype(flat[k].dtype, jnp.floating)}
+  if not _on_host(original):
+    yield
+    return
   with jax.enable_x64(True), jax.default_device(jax.devices('cpu')[0]):
     for k, v in original.items():
       flat[k] = np.asarray(jax.device_get(v)).astype(np.float64)
-    yield flat
+    yield
   for k, v in original.items():
-    rounded = np.asarray(jax.device_get(flat[k])).astype(np.asarray(v).dtype)
+    rounded = np.asarray(jax.device_get(flat[k])).astype(v.dtype)
     flat[k] = jax.device_put(rounded, v.sharding) if isinstance(v, jax.Array) else rounded
 
 
@@ -132,18 +142,15 @@ def merge(model: Adapted, params: Mapping[str, Any]) -> dict[str, Any]:
   if missing:
     raise ValueError(f'The params hold no adapter for targets {missing}: merge needs the params '
                      'of the whole adapted model (some adapters seem merged or removed already).')
-  layers = {layer for layer, _ in located}
-  touched = [k for k in flat if k.rpartition('/')[0] in layers]
   adapter_keys = {full for leaves in located.values() for full in leaves.values()}
-  with _float64(flat, touched + sorted(adapter_keys)) if _on_host(flat) else (
-      contextlib.nullcontext(flat)):
-    for layer, i in _order(located, model.targets):
-      target = model.targets[i]
-      leaves = located[(layer, i)]
-      adapter = unflatten({k: flat[full] for k, full in leaves.items()})
-      new = target.adapter.merge(_layer_params(flat, layer), adapter, target.position)
-      for k, v in new.items():
-        flat[f'{layer}/{k}'] = v
+  for layer, targets in _by_layer(located, model.targets):
+    with _precise(flat, layer, [located[(layer, i)] for i in targets]):
+      for i in targets:
+        target = model.targets[i]
+        adapter = unflatten({k: flat[full] for k, full in located[(layer, i)].items()})
+        new = target.adapter.merge(_layer_params(flat, layer), adapter, target.position)
+        for k, v in new.items():
+          flat[f'{layer}/{k}'] = v
   return unflatten({k: v for k, v in flat.items() if k not in adapter_keys})
 
 
@@ -172,22 +179,18 @@ def unmerge(model: Adapted, merged: Mapping[str, Any],
     raise ValueError('`adapters` holds no adapter parameters of this model; pass '
                      'merge.adapter_params(model, params) or the trained delta.')
   adapter_keys = {full for leaves in located.values() for full in leaves.values()}
-  for full in adapter_keys:
-    flat[full] = flat_adapters[full]
-  layers = {layer for layer, _ in located}
-  touched = [k for k in flat if k.rpartition('/')[0] in layers and k not in adapter_keys]
-  adapter_values = {k: flat[k] for k in adapter_keys}
-  with _float64(flat, touched + sorted(adapter_keys)) if _on_host(flat) else (
-      contextlib.nullcontext(flat)):
-    for layer, i in reversed(_order(located, model.targets)):
-      target = model.targets[i]
-      unmerge_fn = getattr(target.adapter, 'unmerge', None)
-      if unmerge_fn is None:
-        raise ValueError(f'{type(target.adapter).__name__} at {layer!r} cannot be unmerged.')
-      leaves = located[(layer, i)]
-      adapter = unflatten({k: flat[full] for k, full in leaves.items()})
-      restored = unmerge_fn(_layer_params(flat, layer), adapter, target.position)
-      for k, v in restored.items():
-        flat[f'{layer}/{k}'] = v
-  flat.update(adapter_values)  # The adapters' own leaves exactly as given.
+  flat.update({full: flat_adapters[full] for full in adapter_keys})
+  for layer, targets in _by_layer(located, model.targets):
+    for i in targets:
+      if getattr(model.targets[i].adapter, 'unmerge', None) is None:
+        raise ValueError(f'{type(model.targets[i].adapter).__name__} at {layer!r} cannot be '
+                         'unmerged.')
+    with _precise(flat, layer, [located[(layer, i)] for i in targets]):
+      for i in reversed(targets):
+        target = model.targets[i]
+        adapter = unflatten({k: flat[full] for k, full in located[(layer, i)].items()})
+        restored = target.adapter.unmerge(_layer_params(flat, layer), adapter, target.position)
+        for k, v in restored.items():
+          flat[f'{layer}/{k}'] = v
+  flat.update({full: flat_adapters[full] for full in adapter_keys})  # Exactly as given.
   return unflatten(flat)

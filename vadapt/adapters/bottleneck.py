@@ -1,4 +1,4 @@
-"""Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021; AdaptFormer, Chen et al., 2022).
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; AdaptFormer, Chen et al. 2022).
 
 An adapter maps a tensor (..., D) to (..., D_out) through a small bottleneck::
 
@@ -130,7 +130,7 @@ class BottleneckConfig:
 
   def build(self, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...], name: str,
             parent: nn.Module) -> BottleneckAdapter:
-    """The adapter module mapping (..., in_shape[-1]) to (..., out_shape[-1]), bound under parent."""
+    """The adapter module mapping (..., in_shape[-1]) to (..., out_shape[-1]) under parent."""
     del in_shape  # The width is read from the tensor at call time.
     return BottleneckAdapter(
         bottleneck=self.bottleneck, reduction_factor=self.reduction_factor,

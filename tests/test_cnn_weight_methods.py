@@ -193,8 +193,8 @@ def test_methods_without_a_cnn_placement_and_bad_options():
   with pytest.raises(ValueError, match=r"Method 'vpt_deep' places adapters in transformer blocks"):
     api.adapt(model, 'vpt_deep', prompts=4)
   effnet = TINY['efficientnet']()
-  with pytest.raises(ValueError, match=r"modules \['depthwise_conv'\]: a depthwise \(grouped\) "
-                     'convolution has no dense kernel'):
+  with pytest.raises(ValueError, match=r"modules \['depthwise_conv'\]: LoRA on a depthwise "
+                     r'convolution needs a rank that is a multiple of its channel count'):
     api.adapt(effnet, 'lora', modules=['depthwise_conv'])
   with pytest.raises(ValueError, match=r"Unknown CNN block convolutions \['query'\]; known: "
                      r"\['Conv_0'"):

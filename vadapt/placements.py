@@ -236,7 +236,8 @@ CNN_PLACEMENTS = {'conv': conv, 'conv_parallel': conv_parallel}
 # uses (a basic ResNet block has no Conv_2, only downsampling blocks have conv_proj).
 CNN_CONVS = ('Conv_0', 'Conv_1', 'Conv_2', 'conv_proj', 'expand_conv', 'project_conv')
 # EfficientNet-Lite's depthwise conv has one filter per channel (feature_group_count = channels):
-# no (in x out) matrix for a low-rank update to approximate, so LoRA/DoRA leave it out.
+# peft's grouped-conv LoRA needs a rank that is a multiple of the group count (here the channel
+# count), so the default placement leaves it out; `targets=` can still name it.
 _GROUPED_CONVS = ('depthwise_conv',)
 
 
@@ -250,8 +251,9 @@ def cnn_lora(adapter, *, modules=CNN_CONVS, layers: Layers = None,
                     f'{list(CNN_CONVS)}; found {modules!r}.')
   grouped = [m for m in modules if m in _GROUPED_CONVS]
   if grouped:
-    raise ValueError(f'modules {grouped}: a depthwise (grouped) convolution has no dense kernel '
-                     f'for a low-rank update; LoRA on a CNN adapts {list(CNN_CONVS)}.')
+    raise ValueError(f'modules {grouped}: LoRA on a depthwise convolution needs a rank that is a '
+                     f'multiple of its channel count (peft\'s grouped-conv rule), so this placement '
+                     f'adapts {list(CNN_CONVS)}; name it with targets= to adapt it anyway.')
   unknown = [m for m in modules if m not in CNN_CONVS]
   if unknown:
     raise ValueError(f'Unknown CNN block convolutions {unknown}; known: {list(CNN_CONVS)} '

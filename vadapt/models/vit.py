@@ -66,6 +66,12 @@ def get_remat_policy(name: str):
   return REMAT_POLICIES[name]
 
 
+
+def _narrow(dtype) -> bool:
+  """Whether a compute dtype is narrower than float32 (bf16, f16): the attention softmax then
+  runs in float32. float32 and float64 keep their own precision."""
+  return dtype is not None and jnp.finfo(dtype).bits < 32
+
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> activation -> dropout -> Dense -> dropout.
 
@@ -173,7 +179,7 @@ class Encoder1DBlock(nn.Module):
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), broadcast_dropout=False,
-        dropout_rate=self.attention_dropout_rate, force_fp32_for_softmax=True,
+        dropout_rate=self.attention_dropout_rate, force_fp32_for_softmax=_narrow(self.dtype),
         name='MultiHeadDotProductAttention_0',
     )(x, x, mask=mask, deterministic=deterministic)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
@@ -446,7 +452,7 @@ class MAPHead(nn.Module):
     probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), force_fp32_for_softmax=True,
+        kernel_init=nn.initializers.xavier_uniform(), force_fp32_for_softmax=_narrow(self.dtype),
         name='MultiHeadDotProductAttention_0',
     )(probe, x)
     y = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,

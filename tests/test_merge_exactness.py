@@ -30,7 +30,6 @@ restores a weight bit for bit wherever the merged weight is in a finer binade th
 elsewhere; for the multiplicative methods a kernel weight comes back within one ulp.
 """
 
-import flax.linen.attention as flax_attention
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,18 +60,9 @@ def _rel(a, b):
 
 
 @pytest.fixture
-def float64(monkeypatch):
-  """A float64 context in which the ViT's attention softmax runs in float64 too (its
-  force_fp32_for_softmax would otherwise cast float64 logits down to float32)."""
-  weights = flax_attention.dot_product_attention_weights
-
-  def no_downcast(*args, **kwargs):
-    if len(args) > 11:
-      args = args[:11] + (False,) + args[12:]
-    else:
-      kwargs['force_fp32_for_softmax'] = False
-    return weights(*args, **kwargs)
-  monkeypatch.setattr(flax_attention, 'dot_product_attention_weights', no_downcast)
+def float64():
+  """A float64 context (the ViT's attention softmax keeps float64: only narrower compute dtypes
+  are raised to float32 for it)."""
   return jax.enable_x64
 
 

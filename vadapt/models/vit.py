@@ -154,7 +154,7 @@ class Encoder1DBlock(nn.Module):
     causal: apply a causal attention mask (CLIP's text tower).
     dropout_rate: dropout after attention and in the MLP.
     attention_dropout_rate: dropout on attention weights.
-    dtype: compute dtype (matmuls); the attention softmax runs in float32 whatever it is.
+    dtype: compute dtype (matmuls); the attention softmax runs in float32 when it is narrower.
     param_dtype: parameter dtype.
   """
   mlp_dim: int

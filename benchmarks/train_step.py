@@ -102,6 +102,7 @@ def _worker(args) -> dict:
   start = time.perf_counter()
   compiled = step_fn.lower(delta, opt_state, frozen, batch, 0).compile()
   compile_s = time.perf_counter() - start
+  rss_after_compile = _rss_mib()  # The compiler's own peak lands here, before any step runs.
   # XLA's own plan for one step: buffers live during the step (activations, grads, updates)
   # plus the arguments it reads (frozen backbone, delta, optimizer state).
   mem = compiled.memory_analysis()
@@ -131,6 +132,7 @@ def _worker(args) -> dict:
       'xla_step_mib': step_mib,
       'rss_imports_mib': rss_imports,
       'rss_before_step_mib': rss_before_step,
+      'rss_after_compile_mib': rss_after_compile,
       'peak_rss_mib': _rss_mib(),
       'loss': float(m['loss']),
       'tensorflow_loaded': 'tensorflow' in sys.modules,

@@ -171,6 +171,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Start over in a used workdir: its checkpoints, metrics and adapter move to previous_runs/.
   c.checkpoint.restart = False
   c.prefetch = 2
+  # Run the frozen backbone once per train example and train the head on the cached features
+  # (vadapt.feature_cache): linear probe and CLIP-Adapter without augmentation or dropout. The
+  # cache lives on the host; above this size it is refused.
+  c.cache_features = False
+  c.cache_features_max_mib = 2048
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -418,7 +418,8 @@ def preprocess_name(config: ml_collections.ConfigDict, split: str) -> str:
 # Config fields that a resumed run may change without a word: they do not change what is trained.
 _QUIET_FIELDS = ('mode', 'log_every', 'eval_every', 'eval_at_start', 'checkpoint_every',
                  'max_to_keep', 'prefetch', 'eval_batch_size', 'mesh', 'param_sharding',
-                 'distributed', 'debug', 'checkpoint', 'pretrain', 'backbone.checkpoint')
+                 'distributed', 'debug', 'checkpoint', 'pretrain', 'backbone.checkpoint',
+                 'cache_features')
 
 
 class CheckpointConfigMismatchError(ValueError):

@@ -48,6 +48,7 @@ import optax
 from vadapt import checkpoint as ckpt_lib
 from vadapt import evaluate as evaluate_lib
 from vadapt import experiment
+from vadapt import feature_cache
 from vadapt import inject
 from vadapt import losses
 from vadapt import metrics as metrics_lib
@@ -238,6 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   experiment.initialize_distributed(config)
   workdir = os.path.abspath(workdir)
+  if config.get('cache_features'):
+    feature_cache.check_config(config)  # Before any weights or data are read.
   if config.get('pretrain') and config.pretrain.enabled:
     npz = pretrain_backbone(config, workdir)
     config = copy.deepcopy(config)
@@ -273,12 +276,14 @@ def train_experiment(exp: Experiment, workdir: str, *, export: bool = True) -> T
     multihost_utils.sync_global_devices('vadapt_restart_moved')
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=c.max_to_keep)
   delta, opt_state, start_step = experiment.restore_or_init(exp, checkpointer, opt_sh)
+  # config.cache_features: the frozen prefix runs once here; the step trains the head on its output.
+  cache = feature_cache.build(exp, delta) if c.get('cache_features') else None
   writer = metrics_lib.MetricWriter(workdir)
   repl = sharding_lib.replicated(exp.mesh)
   batch_sh = sharding_lib.batch_sharding(exp.mesh)
 
   train_step = jax.jit(
-      make_train_step(exp.model, exp.tx, exp.schedule, num_classes=exp.info.num_classes,
+      make_train_step(cache.model if cache else exp.model, exp.tx, exp.schedule, num_classes=exp.info.num_classes,
                       label_smoothing=c.label_smoothing, seed=c.seed,
                       nan_at_step=c.debug.nan_at_step, loss=experiment.loss_name(c),
                       update_batch_stats=experiment.train_batch_norm(c)),
@@ -297,10 +302,15 @@ def train_experiment(exp: Experiment, workdir: str, *, export: bool = True) -> T
                     'held-out examples.')
 
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
-  host_iter = input_pipeline.make_train_iterator(
-      c.input, global_batch_size=c.batch_size, image_size=c.backbone.image_size,
-      preprocess=experiment.preprocess_name(c, 'train'), seed=c.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  if cache:  # The same rows in the same order, as features.
+    host_iter = cache.batches(c, start_step=start_step, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    final_metrics['train/feature_cache_seconds'] = cache.seconds
+  else:
+    host_iter = input_pipeline.make_train_iterator(
+        c.input, global_batch_size=c.batch_size, image_size=c.backbone.image_size,
+        preprocess=experiment.preprocess_name(c, 'train'), seed=c.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count())
   # Each process holds its own rows; prefetch assembles global arrays a few steps ahead.
   train_iter = input_pipeline.prefetch_to_device(
       ({'image': b['image'], 'label': b['label']} for b in host_iter), c.prefetch, batch_sh)

@@ -61,6 +61,40 @@ def _check_process(process_index: int, process_count: int):
                      f'{process_count}.')
 
 
+def _global_position(counter: tf.Tensor, local: int, global_batch_size: int,
+                     process_index: int) -> tf.Tensor:
+  """This process's ``counter``-th train element -> its global position g."""
+  step, slot = counter // local, counter % local
+  return step * global_batch_size + process_index * local + slot
+
+
+def example_index(g: tf.Tensor, n: int, seed: tf.Tensor) -> tf.Tensor:
+  """The table row of train position ``g``: epoch ``g div n``'s permutation of the ``n`` rows."""
+  return tf.random.experimental.index_shuffle(
+      g % n, seed=tf.stack([tf.cast(seed, tf.int64), g // n]),
+      max_index=tf.constant(n - 1, tf.int64))
+
+
+def train_indices(n: int, *, global_batch_size: int, seed: int, start_step: int,
+                  process_index: int, process_count: int) -> tf.data.Dataset:
+  """The table rows of ``train_dataset``'s batches, (B/P,) int64 each, from ``start_step`` on.
+
+  Without augmentation an example's pixels are a function of its row alone, so these rows and a
+  per-row cache (vadapt.feature_cache) give what the image batches would.
+  """
+  _check_process(process_index, process_count)
+  local = local_batch_size(global_batch_size, process_count)
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  if n == 0:
+    raise ValueError('The train split is empty.')
+  seed64 = tf.constant(seed, tf.int64)
+  ds = tf.data.Dataset.counter(start=start_step * local, dtype=tf.int64)
+  ds = ds.map(lambda c: example_index(
+      _global_position(c, local, global_batch_size, process_index), n, seed64))
+  return ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
 def train_dataset(table: Table, *, global_batch_size: int, image_size: int,
                   family: preprocess.Family, seed: int, start_step: int, process_index: int,
                   process_count: int, crop_scale: Optional[Sequence[float]],
@@ -77,11 +111,8 @@ def train_dataset(table: Table, *, global_batch_size: int, image_size: int,
   seed64 = tf.constant(seed, tf.int64)
 
   def element(counter):
-    step, slot = counter // local, counter % local
-    g = step * global_batch_size + process_index * local + slot
-    index = tf.random.experimental.index_shuffle(
-        g % n, seed=tf.stack([seed64, g // n]), max_index=tf.constant(n - 1, tf.int64))
-    image, label = lookup(index)
+    g = _global_position(counter, local, global_batch_size, process_index)
+    image, label = lookup(example_index(g, n, seed64))
     aug_seed = tf.random.experimental.stateless_fold_in(
         tf.constant([seed, _AUG_STREAM], tf.int64), g)
     image = preprocess.train_preprocess(image, aug_seed, image_size, family,

@@ -89,6 +89,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                   ', '.join(f'{k}={v}' for k, v in active.items()))
 
 
+def applies(config: ml_collections.ConfigDict) -> bool:
+  """Whether check_config would let config.cache_features on (the trainer says so when it is off)."""
+  try:
+    check_config(config)
+  except FeatureCacheError:
+    return False
+  return True
+
+
 # ---------------------------------------------------------------------------------------------
 # The boundary: what runs once (features) and what runs every step (the head).
 
@@ -155,14 +164,29 @@ def _trainable_prefix(model: nn.Module) -> str:
   return 'adapter/' if _is_clip(model) else 'head/'
 
 
-def check(exp: Experiment) -> None:
-  """check_config, and every trainable param above the boundary (read from the label tree)."""
+def check(exp: Experiment) -> tuple[str, nn.Module]:
+  """check_config, every trainable param above the boundary (read from the delta) and the size.
+
+  Returns:
+    (a description of the cache's size, the head model); nothing is computed (abstract traces).
+  """
   check_config(exp.config)
   prefix = _trainable_prefix(exp.model)
   inside = sorted(k for k in pretrained_common.flatten(exp.delta) if not k.startswith(prefix))
   if inside:
     raise _refuse(f'every trainable param under {prefix!r} (above the frozen features)',
                   f'{len(inside)} inside the backbone, e.g. {inside[0]!r}')
+  shape, dtype, head_model = _width_and_model(exp)
+  n = exp.info.num_train
+  nbytes = n * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+  limit = exp.config.get('cache_features_max_mib', DEFAULT_MAX_MIB)
+  size = (f'{n:,} train examples x {int(np.prod(shape)):,} {jnp.dtype(dtype).name} = '
+          f'{nbytes / 2 ** 20:,.1f} MiB')
+  if nbytes > limit * 2 ** 20:
+    raise FeatureCacheError(
+        f'cache_features=True: the features ({size}) exceed cache_features_max_mib={limit}; '
+        'raise the limit or set cache_features=False.')
+  return f'{size} on the host (limit {limit:,} MiB)', head_model
 
 
 @dataclasses.dataclass
@@ -217,28 +241,19 @@ def build(exp: Experiment, delta: Any) -> FeatureCache:
 
   `delta` is the trainable tree as the run starts (only the frozen prefix is read from it).
   """
-  check(exp)
-  c = exp.config
-  shape, dtype, head_model = _width_and_model(exp)
-  n = exp.info.num_train
-  nbytes = n * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
-  limit = c.get('cache_features_max_mib', DEFAULT_MAX_MIB)
-  size = f'{n:,} train examples x {int(np.prod(shape)):,} {jnp.dtype(dtype).name}'
-  if nbytes > limit * 2 ** 20:
-    raise FeatureCacheError(
-        f'cache_features=True: the features take {nbytes / 2 ** 20:,.1f} MiB ({size}), above '
-        f'cache_features_max_mib={limit}; raise the limit or set cache_features=False.')
-  metrics_lib.log(f'Caching the frozen features: {size} = {nbytes / 2 ** 20:,.1f} MiB on the '
-                  f'host (limit {limit:,} MiB); the backbone runs once per train example.')
+  size, head_model = check(exp)
+  metrics_lib.log(f'Caching the frozen features: {size}; the backbone runs once per train '
+                  'example.')
   start = time.perf_counter()
-  features, labels = _compute(exp, delta, shape, dtype)
+  features, labels = _compute(exp, delta)
   seconds = time.perf_counter() - start
+  n = len(labels)
   metrics_lib.log(f'Computed the features of {n:,} examples in {seconds:.1f}s '
                   f'({n / max(seconds, 1e-9):.1f} img/s, compilation included).')
   return FeatureCache(model=head_model, features=features, labels=labels, seconds=seconds)
 
 
-def _compute(exp: Experiment, delta: Any, shape, dtype) -> tuple[np.ndarray, np.ndarray]:
+def _compute(exp: Experiment, delta: Any) -> tuple[np.ndarray, np.ndarray]:
   """Features of train rows 0..n-1: global batches of batch_size, each process its own slots."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -279,10 +294,13 @@ def _compute(exp: Experiment, delta: Any, shape, dtype) -> tuple[np.ndarray, np.
       return _head_input(exp.model, variables, images, rng)[0]
   forward = jax.jit(forward, in_shardings=(exp.delta_shardings, exp.frozen_shardings, batch_sh),
                     out_shardings=repl)
-  out = np.empty((num_batches * c.batch_size,) + tuple(shape), dtype)
   batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), max(c.prefetch, 1),
                                               batch_sh)
-  for b, images in enumerate(batches):
-    out[b * c.batch_size:(b + 1) * c.batch_size] = np.asarray(
-        jax.device_get(forward(delta, exp.frozen, images)))
-  return out[:n], np.asarray(table.labels, np.int32)
+  out, pending = [], None
+  for images in batches:  # One batch in flight while the previous one is copied to the host.
+    running = forward(delta, exp.frozen, images)
+    if pending is not None:
+      out.append(np.asarray(jax.device_get(pending)))
+    pending = running
+  out.append(np.asarray(jax.device_get(pending)))
+  return np.concatenate(out)[:n], np.asarray(table.labels, np.int32)

@@ -200,6 +200,8 @@ def pretrain_backbone(config: ml_collections.ConfigDict, workdir: str) -> str:
     c.pretrain.enabled = False
     c.checkpoint.restart = False  # The flag is meant for the adapter stage.
     c.adapter.method = 'full'
+    if 'cache_features' in c:
+      c.cache_features = False  # Meant for the adapter stage; full training trains the backbone.
     c.backbone.checkpoint = ''
     c.backbone.reset_head = False
     if config.pretrain.classes:
@@ -259,6 +261,8 @@ def train_experiment(exp: Experiment, workdir: str, *, export: bool = True) -> T
   workdir = os.path.abspath(workdir)
   c = exp.config
   experiment.check_batch_size(c, exp.info)
+  if c.get('cache_features'):
+    feature_cache.check(exp)  # Before the workdir is touched.
   trainable = sum(v for k, v in exp.counts.items() if k != 'frozen')
   total = sum(exp.counts.values())
   metrics_lib.log(exp.param_table)
@@ -278,6 +282,9 @@ def train_experiment(exp: Experiment, workdir: str, *, export: bool = True) -> T
   delta, opt_state, start_step = experiment.restore_or_init(exp, checkpointer, opt_sh)
   # config.cache_features: the frozen prefix runs once here; the step trains the head on its output.
   cache = feature_cache.build(exp, delta) if c.get('cache_features') else None
+  if not cache and start_step < c.total_steps and feature_cache.applies(c):
+    metrics_lib.log('Note: --config.cache_features=True would run the frozen backbone once per '
+                    'train example instead of in every step (same head, same order).')
   writer = metrics_lib.MetricWriter(workdir)
   repl = sharding_lib.replicated(exp.mesh)
   batch_sh = sharding_lib.batch_sharding(exp.mesh)

@@ -1,0 +1,139 @@
+"""config.cache_features: the head trains on features computed once, as it would on the images.
+
+Tolerance: on the CPUs measured the cached run's head params are bit-identical to the uncached
+run's (the features come from another XLA program, so the last bits could differ elsewhere); the
+tests allow 1e-6 relative. Resume with the cache on is bit-identical by construction.
+"""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from vadapt import experiment
+from vadapt import feature_cache
+from vadapt import input_pipeline
+from vadapt import partition
+from vadapt import train
+from vadapt.pretrained import common as pretrained_common
+from config_overrides import load_config
+
+
+def get_config(name='vit_b16_adapter', arg='test', **overrides):
+  """A linear probe on the tiny `:test` config, no augmentation, one device."""
+  return load_config(name, arg, **{
+      'mesh.num_devices': 1, 'adapter.method': 'linear', 'input.crop_scale': None,
+      'eval_at_start': False, 'optimizer.learning_rate': 0.1, **overrides})
+
+
+def assert_same_params(a, b, rtol=0.0):
+  flat_a, flat_b = pretrained_common.flatten(a), pretrained_common.flatten(b)
+  assert set(flat_a) == set(flat_b)
+  for key in flat_a:
+    np.testing.assert_allclose(flat_a[key], flat_b[key], rtol=rtol, atol=rtol, err_msg=key)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """4 steps without and with the cache, checkpoints at 2 and 4."""
+  root = tmp_path_factory.mktemp('cache')
+  common = {'checkpoint_every': 2, 'max_to_keep': 5}
+  plain = train.train_and_evaluate(get_config(**common), str(root / 'plain'))
+  cached = train.train_and_evaluate(get_config(cache_features=True, **common),
+                                    str(root / 'cached'))
+  return plain, cached, root, common
+
+
+def test_cached_run_equals_the_uncached_run(runs, capsys):
+  plain, cached, _, _ = runs
+  assert_same_params(plain.delta, cached.delta, rtol=1e-6)
+  assert cached.metrics['eval/accuracy'] == plain.metrics['eval/accuracy']
+  np.testing.assert_allclose(cached.metrics['train/loss'], plain.metrics['train/loss'], rtol=1e-6)
+  assert cached.metrics['train/feature_cache_seconds'] > 0
+  assert 'train/feature_cache_seconds' not in plain.metrics
+  # The head moved: equal runs are not two untrained heads.
+  assert np.abs(cached.delta['head']['kernel']).max() > 1e-3
+
+
+def test_resume_with_the_cache_is_bit_identical(runs, tmp_path, capsys):
+  _, cached, root, common = runs
+  killed = str(tmp_path / 'killed')
+  shutil.copytree(str(root / 'cached'), killed)
+  shutil.rmtree(os.path.join(killed, 'checkpoints', '4'))  # Killed after its step-2 checkpoint.
+  resumed = train.train_and_evaluate(get_config(cache_features=True, **common), killed)
+  out = capsys.readouterr().out
+  assert 'Resumed from the checkpoint at step 2' in out
+  assert 'Caching the frozen features: 1,437 train examples x 32 float32 = 0.2 MiB' in out
+  assert resumed.step == 4
+  assert_same_params(cached.delta, resumed.delta)
+
+
+def test_cached_batches_are_the_image_batches_in_order_on_a_data_mesh():
+  """Rows, labels and features of the steps across an epoch boundary, against the images."""
+  config = get_config(cache_features=True, **{'mesh.num_devices': 2})
+  exp = experiment.setup(config)
+  cache = feature_cache.build(exp, exp.delta)
+  n = exp.info.num_train
+  assert cache.features.shape == (n, 32) and n % config.batch_size  # 1,437 rows: epochs straddle.
+  start = n // config.batch_size - 1  # This step's batch ends the first epoch, the next starts one.
+  images = input_pipeline.make_train_iterator(
+      config.input, global_batch_size=config.batch_size, image_size=config.backbone.image_size,
+      preprocess='vit', seed=config.seed, start_step=start)
+  rows = cache.batches(config, start_step=start, process_index=0, process_count=1)
+  forward = jax.jit(lambda p, x: feature_cache._head_input(  # pylint: disable=protected-access
+      exp.model, {'params': p}, x, jax.random.PRNGKey(0))[0])
+  params = partition.merge(exp.delta, exp.frozen)
+  for _ in range(3):
+    want, got = next(images), next(rows)
+    np.testing.assert_array_equal(got['label'], want['label'])
+    np.testing.assert_allclose(got['image'], forward(params, want['image']), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_clip_adapter_on_cached_image_embeddings_equals_the_uncached_run(tmp_path):
+  overrides = {'adapter.method': 'clip_adapter', 'total_steps': 3, 'checkpoint_every': 0,
+               'optimizer.learning_rate': 0.5}
+  plain = train.train_and_evaluate(get_config('clip_adapter_fewshot', **overrides),
+                                   str(tmp_path / 'plain'), export=False)
+  cached = train.train_and_evaluate(
+      get_config('clip_adapter_fewshot', cache_features=True, **overrides),
+      str(tmp_path / 'cached'), export=False)
+  assert set(pretrained_common.flatten(cached.delta)) == {
+      'adapter/image_adapter/down/kernel', 'adapter/image_adapter/up/kernel'}
+  assert_same_params(plain.delta, cached.delta, rtol=1e-6)
+  assert cached.metrics['eval/accuracy'] == plain.metrics['eval/accuracy']
+
+
+@pytest.mark.parametrize('overrides, found', [
+    ({'adapter.method': 'houlsby'}, "found adapter.method='houlsby'"),
+    ({'input.crop_scale': (0.08, 1.0)}, 'found input.crop_scale=(0.08, 1.0) (random resized'),
+    ({'input.flip': True}, 'found input.flip=True (random horizontal flips)'),
+    ({'backbone.dropout_rate': 0.1}, 'found backbone.dropout_rate=0.1.'),
+])
+def test_refuses_in_one_line_before_reading_weights_or_data(overrides, found, tmp_path):
+  # The checkpoint does not exist: any work before the refusal would fail on it instead.
+  config = get_config(cache_features=True, **{'backbone.checkpoint': str(tmp_path / 'no.npz'),
+                                              **overrides})
+  with pytest.raises(feature_cache.FeatureCacheError) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  message = str(e.value)
+  assert '\n' not in message and message.startswith('cache_features=True needs ')
+  assert found in message
+  assert not os.path.exists(tmp_path / 'work')
+
+
+def test_flip_on_by_default_for_a_photo_source_is_named():
+  config = get_config(cache_features=True, **{'input.source': 'fashion_mnist'})
+  with pytest.raises(feature_cache.FeatureCacheError, match='default for this source'):
+    feature_cache.check_config(config)
+
+
+def test_refuses_features_above_the_memory_limit(tmp_path):
+  config = get_config(cache_features=True, cache_features_max_mib=0)
+  with pytest.raises(feature_cache.FeatureCacheError,
+                     match=r'the features \(1,437 train examples x 32 float32 = 0\.2 MiB\) '
+                           r'exceed cache_features_max_mib=0;'):
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert not os.path.exists(tmp_path / 'work' / 'checkpoints')

@@ -46,7 +46,7 @@ def runs(tmp_path_factory):
   return plain, cached, root, common
 
 
-def test_cached_run_equals_the_uncached_run(runs, capsys):
+def test_cached_run_equals_the_uncached_run(runs):
   plain, cached, _, _ = runs
   assert_same_params(plain.delta, cached.delta, rtol=1e-6)
   assert cached.metrics['eval/accuracy'] == plain.metrics['eval/accuracy']

@@ -90,7 +90,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def applies(config: ml_collections.ConfigDict) -> bool:
-  """Whether check_config would let config.cache_features on (the trainer says so when it is off)."""
+  """Whether check_config lets config.cache_features on (the trainer says so when it is off)."""
   try:
     check_config(config)
   except FeatureCacheError:

@@ -283,8 +283,9 @@ def train_experiment(exp: Experiment, workdir: str, *, export: bool = True) -> T
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=c.max_to_keep)
   delta, opt_state, start_step = experiment.restore_or_init(exp, checkpointer, opt_sh)
   # config.cache_features: the frozen prefix runs once here; the step trains the head on its output.
-  cache = feature_cache.build(exp, delta) if c.get('cache_features') else None
-  if not cache and start_step < c.total_steps and feature_cache.applies(c):
+  to_train = start_step < c.total_steps
+  cache = feature_cache.build(exp, delta) if c.get('cache_features') and to_train else None
+  if not c.get('cache_features') and to_train and feature_cache.applies(c):
     metrics_lib.log('Note: --config.cache_features=True would run the frozen backbone once per '
                     'train example instead of in every step (same head, same order).')
   writer = metrics_lib.MetricWriter(workdir)
@@ -292,9 +293,9 @@ def train_experiment(exp: Experiment, workdir: str, *, export: bool = True) -> T
   batch_sh = sharding_lib.batch_sharding(exp.mesh)
 
   train_step = jax.jit(
-      make_train_step(cache.model if cache else exp.model, exp.tx, exp.schedule, num_classes=exp.info.num_classes,
-                      label_smoothing=c.label_smoothing, seed=c.seed,
-                      nan_at_step=c.debug.nan_at_step, loss=experiment.loss_name(c),
+      make_train_step(cache.model if cache else exp.model, exp.tx, exp.schedule,
+                      num_classes=exp.info.num_classes, label_smoothing=c.label_smoothing,
+                      seed=c.seed, nan_at_step=c.debug.nan_at_step, loss=experiment.loss_name(c),
                       update_batch_stats=experiment.train_batch_norm(c)),
       in_shardings=(exp.delta_shardings, opt_sh, exp.frozen_shardings, batch_sh, repl),
       out_shardings=(exp.delta_shardings, opt_sh, repl),

@@ -59,10 +59,13 @@ def _unset_like(fields: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def task(c: ml_collections.ConfigDict, method: str, *, members: tuple[str, ...] = (),
-         data=None, **options) -> ml_collections.ConfigDict:
+         weights: tuple[float, ...] = (), combine=None, data=None,
+         **options) -> ml_collections.ConfigDict:
   """One entry of config.adapters: its method, adapter options and data fields (`data`) that
   differ from config.adapter and config.input (unset ones follow those), an adapter directory to
-  load (`dir`), and for method='fusion' the fused tasks (`members`)."""
+  load (`dir`), for method='fusion' the fused tasks (`members`), and for method='average' the
+  averaged tasks (`members`), their `weights` (default equal) and `combine` ('weights' or
+  'outputs')."""
   t = _unset_like(c.adapter)
   t.method = method
   for key, value in options.items():
@@ -72,10 +75,24 @@ def task(c: ml_collections.ConfigDict, method: str, *, members: tuple[str, ...] 
     t.input[key] = value
   t.dir = config_dict.placeholder(str)  # A trained adapter directory: loaded, not trained.
   t.members = config_dict.FieldReference(tuple(members), field_type=tuple)
+  t.weights = config_dict.FieldReference(tuple(weights), field_type=tuple)
+  t.combine = config_dict.placeholder(str)
+  if combine is not None:
+    t.combine = combine
   return t
 
 
 EVEN, ODD = (0, 2, 4, 6, 8), (1, 3, 5, 7, 9)
+
+
+def _averages(c: ml_collections.ConfigDict, a: str,
+              b: str) -> dict[str, ml_collections.ConfigDict]:
+  """soup (the weight average of tasks a and b) and ensemble (their output average): derived
+  from the trained a and b, not trained."""
+  return {
+      'soup': task(c, 'average', members=(a, b), weights=(0.5, 0.5), combine='weights'),
+      'ensemble': task(c, 'average', members=(a, b), weights=(0.5, 0.5), combine='outputs'),
+  }
 
 
 def _dinov2(arg) -> ml_collections.ConfigDict:
@@ -88,11 +105,14 @@ def _dinov2(arg) -> ml_collections.ConfigDict:
   del c['compare']
   if not arg.test:
     c.input.eval_split = f'test[:{arg.eval}]'
+  n = 64 if arg.test else arg.train  # c.input.train_split is train[:n].
   c.adapters = ml_collections.ConfigDict({
       'even': task(c, 'houlsby', data=dict(classes=EVEN)),
       'odd': task(c, 'houlsby', data=dict(classes=ODD)),
       'all': task(c, 'houlsby'),
+      'all_b': task(c, 'houlsby', data=dict(train_split=f'train[{n}:{2 * n}]')),
       'fused': task(c, 'fusion', members=('even', 'odd')),
+      **_averages(c, 'all', 'all_b'),
   })
   c.task = 'even'
   return c
@@ -122,6 +142,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         'even': task(c, 'pfeiffer', data=dict(classes=(0, 2, 4, 6, 8))),
         'odd': task(c, 'pfeiffer', data=dict(classes=(1, 3, 5, 7, 9)), bottleneck=4),
         'fused': task(c, 'fusion', members=('even', 'odd')),
+        # Two tasks on all ten digits, trained on the two halves of the train split, and their
+        # averages.
+        'all_a': task(c, 'pfeiffer', data=dict(train_split='train[:50%]')),
+        'all_b': task(c, 'pfeiffer', data=dict(train_split='train[50%:]')),
+        **_averages(c, 'all_a', 'all_b'),
     })
     c.task = 'even'
   else:

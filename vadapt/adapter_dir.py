@@ -8,7 +8,9 @@
 An AdapterFusion is saved the same way: a head-only adapter whose config names the fused members
 ('fusion': members, dropout, temperature) and whose weights add the fusion layers
 ('.../MlpBlock_0/*fusion/query/kernel'); loading it needs its members loaded first, and
-`fuse_block` gives the composition block that calls it.
+`fuse_block` gives the composition block that calls it. An output average (AdapterHub's
+Average) is saved alike: a head-only adapter whose config names the averaged members and their
+weights ('average': members, weights); `block` gives the Average (or Fuse) that serves it.
 
 the layout users know from peft (adapter_config.json + adapter_model.safetensors) and AdapterHub
 (one directory per adapter, its head stored with it). A set is a directory holding one such
@@ -147,8 +149,9 @@ def _fusion_params(params: Mapping, fusion: composition.Fuse) -> dict[str, Any]:
 
 
 def save(directory: str, model: multi.MultiAdapted, params: Mapping, name: str, *,
-         fusion: Optional[composition.Fuse] = None, meta: Optional[Mapping[str, Any]] = None,
-         overwrite: bool = False) -> str:
+         fusion: Optional[composition.Fuse] = None,
+         average: Optional[composition.Average] = None,
+         meta: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> str:
   """Writes adapter `name` (and its head) to `directory`; returns the directory.
 
   Args:
@@ -158,6 +161,8 @@ def save(directory: str, model: multi.MultiAdapted, params: Mapping, name: str, 
     name: the adapter to save.
     fusion: for an AdapterFusion adapter (head-only, served with adapter=fusion), the block:
       its fusion layers are saved with the head, and its members named in the config.
+    average: for an output average (head-only, served with adapter=average), the Average block:
+      its members and weights are named in the config.
     meta: JSON-ready extra information stored as the config's 'meta' (e.g. the experiment config
       and preprocessing, for serving).
     overwrite: replace what `directory` already holds.
@@ -179,6 +184,12 @@ def save(directory: str, model: multi.MultiAdapted, params: Mapping, name: str, 
     leaves.update({_rename(k, fusion.name, _FUSION_WILDCARD): v for k, v in layers.items()})
     config['fusion'] = {'members': list(fusion.members), 'dropout': fusion.dropout,
                         'temperature': fusion.temperature}
+  if average is not None:
+    missing = [m for m in average.members if m not in model.names()]
+    if missing or name in average.members or fusion is not None:
+      raise ValueError(f'Average adapter {name!r}: its members {list(average.members)} must be '
+                       f'other adapters of the model ({list(model.names())}).')
+    config['average'] = {'members': list(average.members), 'weights': list(average.weights)}
   if meta is not None:
     config['meta'] = json.loads(json.dumps(dict(meta)))
   flat = {k: np.ascontiguousarray(np.asarray(jax.device_get(v))) for k, v in leaves.items()}
@@ -226,6 +237,19 @@ def fuse_block(directory_or_config: Any, name: Optional[str] = None
                           dropout=fusion['dropout'], temperature=fusion['temperature'])
 
 
+def block(directory_or_config: Any, name: Optional[str] = None
+          ) -> Optional[Any]:
+  """The composition block that serves a saved adapter: a Fuse (AdapterFusion) or an Average
+  (an output average), or None for an ordinary adapter (served by its name)."""
+  config = directory_or_config
+  if isinstance(config, (str, os.PathLike)):
+    config = read_config(os.fspath(config))
+  average = config.get('average')
+  if average:
+    return composition.Average(*average['members'], weights=average['weights'])
+  return fuse_block(config, name)
+
+
 def named_adapter(config: Mapping[str, Any], name: Optional[str] = None) -> multi.NamedAdapter:
   """The NamedAdapter a saved config describes (optionally under another name)."""
   return multi.NamedAdapter(
@@ -270,11 +294,13 @@ def add(model: multi.MultiAdapted, params: Mapping, directory: str, *, name: Opt
     raise ValueError(f'Adapter {spec.name!r} in {directory!r} adapts modules the backbone does not '
                      f'have: {missing[:3]}.')
   fusion = fuse_block(config, spec.name)
-  if fusion is not None:
-    missing = [m for m in fusion.members if m not in model.names()]
+  served = block(config, spec.name)
+  if served is not None:
+    missing = [m for m in served.members if m not in model.names()]
     if missing:
-      raise ValueError(f'Adapter {spec.name!r} in {directory!r} is an AdapterFusion of '
-                       f'{list(fusion.members)}; the model holds {list(model.names())}: add '
+      kind = 'an AdapterFusion' if fusion is not None else 'an output average'
+      raise ValueError(f'Adapter {spec.name!r} in {directory!r} is {kind} of '
+                       f'{list(served.members)}; the model holds {list(model.names())}: add '
                        f'{missing} first.')
   bigger = model.with_adapter(spec)
   merged = pretrained_common.flatten(params)

@@ -30,7 +30,8 @@ from vadapt.adapters.lora import LoRAConfig
 from vadapt.pretrained.common import flatten, unflatten
 
 Delta = dict[str, jax.Array]
-_WILDCARD = '*'
+# The adapter's name in a delta's paths ('heads/*/kernel').
+WILDCARD = '*'
 
 
 def _rename(path: str, old: str, new: str) -> str:
@@ -46,7 +47,7 @@ def _rename(path: str, old: str, new: str) -> str:
 def delta(model: multi.MultiAdapted, params: Mapping, name: str, *, heads: bool = True) -> Delta:
   """Adapter `name`'s parameters under name-free paths (the name replaced by '*')."""
   flat = multi.adapter_params(model, params, name)
-  return {_rename(k, name, _WILDCARD): v for k, v in flat.items()
+  return {_rename(k, name, WILDCARD): v for k, v in flat.items()
           if heads or not k.startswith(multi.HEADS + '/')}
 
 
@@ -271,5 +272,5 @@ def add_adapter(model: multi.MultiAdapted, params: Mapping, name: str, d: Delta,
                             class_names=spec.class_names if has_head else ())
   bigger = model.with_adapter(new)
   flat = flatten(params)
-  flat.update({_rename(k, _WILDCARD, name): v for k, v in d.items()})
+  flat.update({_rename(k, WILDCARD, name): v for k, v in d.items()})
   return bigger, unflatten(flat)

@@ -6,7 +6,8 @@ A multi-task config (configs/multi_task.py) names its tasks in `config.adapters`
                            (bottleneck, layers, rank, ...), `input` (its data: the fields of
                            config.input), `dir` (a trained adapter directory to load as this task
                            instead of training it here) and, for method='fusion', `members` (the
-                           task adapters an AdapterFusion attends over)
+                           task adapters an AdapterFusion attends over); method='average' derives
+                           a task from trained ones instead (below)
   config.task              the task --mode=train trains and --mode=eval evaluates
 
 The backbone, optimizer, steps and batch sizes are shared. In the workdir:
@@ -26,6 +27,23 @@ program: the adapter is chosen by index, as data (vadapt.multi); with config.eva
 eval splits are interleaved into mixed batches (each example with its own adapter and head) and
 give the same accuracies. `--mode=predict --manifest=FILE` serves 'IMAGE TASK' requests the same
 way (MixedPredictor): mixed batches through one compiled program.
+
+An average task (method='average', `members`, `weights`, `combine`) is derived, not trained:
+--mode=train --config.task=NAME writes it as an adapter directory from its trained members, with
+no training step, and it then evaluates, predicts and exports like any task.
+  combine='weights'   the weighted sum of the members' parameters, heads included (AdapterHub's
+                      average_adapter; a model soup, task arithmetic: vadapt.arithmetic
+                      .weighted_sum): an ordinary adapter. The members must have one structure
+                      (method, placement, widths).
+  combine='outputs'   the weighted sum of the members' adapter outputs at every module at
+                      inference (composition.Average), and of their head logits (stored as the
+                      weighted sum of their heads, which heads being linear is the same): a
+                      head-only adapter served with an Average block, like a fusion.
+The members are ordinary trained tasks (not fusions, not averages) sharing the average's label
+space (the same class names); weights default to equal ones summing to 1 and may be negative (task
+arithmetic's negation: weights=(1, -1) subtracts the second task's delta). The directory is a
+snapshot of its members: after retraining one, write the average again
+(--config.checkpoint.restart=True moves the old one aside; nothing is overwritten silently).
 """
 
 from __future__ import annotations
@@ -44,6 +62,7 @@ import ml_collections
 import numpy as np
 
 from vadapt import adapter_dir
+from vadapt import arithmetic
 from vadapt import backbones
 from vadapt import checkpoint as ckpt_lib
 from vadapt import composition
@@ -59,12 +78,14 @@ from vadapt import train as train_lib
 from vadapt.pretrained import common as pretrained_common
 
 FUSION = 'fusion'
+AVERAGE = 'average'
+COMBINES = ('weights', 'outputs')
 # Adapters that add to a module's input or output, so a call can select them; prompts rewrite the
 # call and BitFit adds no modules.
 METHODS = tuple(m for m in experiment.ADAPTER_METHODS
-                if m not in ('vpt_shallow', 'vpt_deep', 'bitfit')) + (FUSION,)
+                if m not in ('vpt_shallow', 'vpt_deep', 'bitfit')) + (FUSION, AVERAGE)
 # A task's fields that are not adapter options.
-TASK_FIELDS = ('input', 'dir', 'members')
+TASK_FIELDS = ('input', 'dir', 'members', 'weights', 'combine')
 ADAPTERS = 'adapters'
 TASKS = 'tasks'
 EVAL_TABLE = 'eval_tasks.json'
@@ -82,20 +103,41 @@ class Task:
   Attributes:
     name: the task's (and its adapter's) name.
     config: the experiment config of this task alone (`task_config`).
-    method: its adapter method, or 'fusion'.
-    members: for a fusion task, the adapters it fuses.
+    method: its adapter method, 'fusion' or 'average'.
+    members: for a fusion task, the adapters it fuses; for an average, those it averages.
     source: the adapter directory it loads from when trained (its `dir`, or the workdir's), else
       None.
+    weights: for an average, one weight per member.
+    combine: for an average, 'weights' or 'outputs'.
   """
   name: str
   config: ml_collections.ConfigDict
   method: str
   members: tuple[str, ...]
   source: Optional[str]
+  weights: tuple[float, ...] = ()
+  combine: Optional[str] = None
 
   @property
   def is_fusion(self) -> bool:
     return self.method == FUSION
+
+  @property
+  def is_average(self) -> bool:
+    return self.method == AVERAGE
+
+  @property
+  def needs(self) -> tuple[str, ...]:
+    """The tasks that must be loaded to serve this one: a fusion's or output average's members
+    (a weight average is an ordinary adapter of its own)."""
+    return self.members if self.is_fusion or self.combine == 'outputs' else ()
+
+  @property
+  def label(self) -> str:
+    """The method as the task table shows it."""
+    if self.is_average:
+      return f'average {self.combine}({"+".join(self.members)})'
+    return self.method + (f'({"+".join(self.members)})' if self.is_fusion else '')
 
 
 def _override(shared: ml_collections.ConfigDict, own: ml_collections.ConfigDict,
@@ -155,23 +197,33 @@ def plan(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str,
                        f'{", ".join(METHODS)} (prompts rewrite the call and BitFit adds no '
                        'modules, so neither can be selected per call).')
     members = tuple(entry.get('members') or ())
+    weights = tuple(float(w) for w in (entry.get('weights') or ()))
+    combine = entry.get('combine')
+    if method == AVERAGE:
+      combine = combine or 'weights'
+      weights = _check_average(config, name, names, members, weights, combine)
+    elif weights or combine:
+      raise ValueError(f'adapters.{name}.weights and .combine are options of '
+                       f'method=\'average\'; {name!r} is {method!r}.')
     if method == FUSION:
       unknown = [m for m in members if m not in names or m == name]
       if len(members) < 2 or unknown:
         raise ValueError(f'adapters.{name}.members={members}: a fusion task fuses two or more '
                          f'other tasks of config.adapters ({", ".join(names)}).')
-      nested = [m for m in members if task_config(config, m).adapter.method == FUSION]
+      nested = [m for m in members if task_config(config, m).adapter.method == FUSION
+                or (adapters[m].get('combine') or 'weights') == 'outputs'
+                and task_config(config, m).adapter.method == AVERAGE]
       if nested:
-        raise ValueError(f'adapters.{name}.members: {nested} are fusion tasks themselves; fuse '
-                         'ordinary adapters.')
-    elif members:
-      raise ValueError(f'adapters.{name}.members is an option of method=\'fusion\'; '
-                       f'{name!r} is {method!r}.')
+        raise ValueError(f'adapters.{name}.members: {nested} are fusion or output-average tasks '
+                         'themselves; fuse ordinary adapters.')
+    elif members and method != AVERAGE:
+      raise ValueError(f'adapters.{name}.members is an option of method=\'fusion\' or '
+                       f'\'average\'; {name!r} is {method!r}.')
     try:
       inject.check_drop(**_drop(view))
     except ValueError as e:
       raise ValueError(f'adapters.{name}: {e}') from None
-    if method != FUSION:
+    if method not in (FUSION, AVERAGE):
       experiment.adapter_spec(view)  # The adapter options, checked.
     source = entry.get('dir') or None
     if source:
@@ -180,8 +232,47 @@ def plan(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str,
     elif workdir is not None:
       own = os.path.join(adapters_dir(workdir), name)
       source = own if os.path.isfile(os.path.join(own, adapter_dir.CONFIG)) else None
-    tasks[name] = Task(name=name, config=view, method=method, members=members, source=source)
-  return dict(sorted(tasks.items(), key=lambda kv: kv[1].is_fusion))
+    tasks[name] = Task(name=name, config=view, method=method, members=members, source=source,
+                       weights=weights, combine=combine)
+  return dict(sorted(tasks.items(), key=lambda kv: _load_rank(kv[1])))
+
+
+def _load_rank(task: Task) -> int:
+  """Loading order: ordinary adapters, weight averages (ordinary adapters a fusion may fuse),
+  fusions, output averages (whose members are loaded before them)."""
+  if task.is_average:
+    return 1 if task.combine == 'weights' else 3
+  return 2 if task.is_fusion else 0
+
+
+def _check_average(config: ml_collections.ConfigDict, name: str, names: Sequence[str],
+                   members: tuple[str, ...], weights: tuple[float, ...],
+                   combine: str) -> tuple[float, ...]:
+  """An average task's members, weights and combine, checked; its weights (default equal)."""
+  where = f'adapters.{name}'
+  if combine not in COMBINES:
+    raise ValueError(f'{where}.combine={combine!r}: an average combines the members\' '
+                     f'{" or ".join(repr(c) for c in COMBINES)}.')
+  if not members:
+    raise ValueError(f'{where}.members is empty: an average names the trained tasks it averages '
+                     f'(of {", ".join(n for n in names if n != name)}).')
+  unknown = [m for m in members if m not in names or m == name]
+  if unknown:
+    raise ValueError(f'{where}.members={members}: {unknown} are not other tasks of '
+                     f'config.adapters ({", ".join(names)}).')
+  if len(set(members)) != len(members):
+    raise ValueError(f'{where}.members={members} names a task more than once.')
+  derived = [m for m in members if task_config(config, m).adapter.method in (FUSION, AVERAGE)]
+  if derived:
+    raise ValueError(f'{where}.members: {derived} are fusion or average tasks; an average '
+                     'averages ordinary trained tasks (for an average of averages, average their '
+                     'members with the weights multiplied out).')
+  if not weights:
+    weights = (1.0 / len(members),) * len(members)
+  if len(weights) != len(members):
+    raise ValueError(f'{where}.weights={weights}: {len(weights)} weights for {len(members)} '
+                     f'members {members}.')
+  return weights
 
 
 def _drop(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -243,19 +334,20 @@ def load(config: ml_collections.ConfigDict, tasks: dict[str, Task], *,
   wanted = [t for t in tasks.values() if t.source is not None and t.name not in skip]
   _check_layouts(wanted, _abstract_backbone(config, backbone))
   for t in wanted:
-    missing = [m for m in t.members if tasks[m].source is None or m in skip]
+    missing = [m for m in t.needs if tasks[m].source is None or m in skip]
     if missing:
-      raise ValueError(f'Task {t.name!r} fuses {list(t.members)}, but {missing} are not trained '
-                       f'(no adapter directory): train them first (--config.task=NAME).')
+      raise ValueError(f'Task {t.name!r} {"fuses" if t.is_fusion else "averages"} '
+                       f'{list(t.members)}, but {missing} are not trained (no adapter '
+                       'directory): train them first (--config.task=NAME).')
   params = backbones.load_params(config.backbone, backbone, rng=jax.random.fold_in(
       jax.random.PRNGKey(config.seed), 1))
   model = multi.adapt(backbone, [])
   selections = {}
   for t in wanted:
     model, params = adapter_dir.add(model, params, t.source, name=t.name)
-    selections[t.name] = adapter_dir.fuse_block(t.source, t.name) or t.name
+    selections[t.name] = adapter_dir.block(t.source, t.name) or t.name
     stored = adapter_dir.read_config(t.source).get('meta', {}).get('adapter')
-    if stored is not None and not t.is_fusion:
+    if stored is not None and not t.is_fusion and not t.is_average:
       now = experiment.adapter_spec(t.config)
       changed = [f'{k} {stored.get(k)!r} -> {now.get(k)!r}' for k in sorted(set(stored) | set(now))
                  if k not in _TRAINING_ONLY and stored.get(k) != now.get(k)]
@@ -294,6 +386,9 @@ class TaskModel(nn.Module):
 def _spec(task: Task) -> dict[str, Any]:
   if task.is_fusion:
     return {'method': FUSION, 'members': list(task.members)}
+  if task.is_average:
+    return {'method': AVERAGE, 'members': list(task.members), 'weights': list(task.weights),
+            'combine': task.combine}
   return experiment.adapter_spec(task.config)
 
 
@@ -325,6 +420,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   tasks = plan(config, workdir)
   task = get_task(tasks, config.get('task') if name is None else name)
   c = task.config
+  if task.is_average:
+    raise ValueError(f'Task {task.name!r} is an average of {list(task.members)}: it is derived, '
+                     'not trained (multi_task.train writes it).')
   if config.adapters[task.name].get('dir'):
     raise ValueError(f'adapters.{task.name}.dir is set: task {task.name!r} is loaded from '
                      f'{task.source}, not trained here; set --config.adapters.{task.name}.dir= '
@@ -441,6 +539,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   'tasks' (the table, when evaluated)}."""
   experiment.initialize_distributed(config)
   workdir = os.path.abspath(workdir)
+  if get_task(plan(config, workdir), config.get('task')).is_average:
+    return write_average(config, workdir, config.task)
   exp, loaded, task = setup(config, workdir)
   own = os.path.join(adapters_dir(workdir), task.name)
   run_dir = task_dir(workdir, task.name)
@@ -468,6 +568,118 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   metrics_lib.log(f'Saved task {task.name!r} as the adapter directory {own} '
                   f'({train_lib.human_bytes(train_lib.dir_bytes(own))}).')
   out = {'task': task.name, 'step': result.step, 'metrics': result.metrics, 'adapter_dir': own}
+  if config.get('eval_all_tasks', True):
+    out['tasks'] = evaluate_tasks(config, workdir)
+  return out
+
+
+def _targets(saved: dict[str, Any]) -> list[dict[str, Any]]:
+  return sorted(saved['targets'], key=lambda t: (t['pattern'], t['position'], t['name']))
+
+
+def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+  """Where two saved adapters differ in structure, in a few words."""
+  ta, tb = _targets(a), _targets(b)
+  if len(ta) != len(tb):
+    return f'{len(ta)} vs {len(tb)} adapted module patterns'
+  for x, y in zip(ta, tb):
+    if (x['pattern'], x['position']) != (y['pattern'], y['position']):
+      return f'{x["pattern"]!r} ({x["position"]}) vs {y["pattern"]!r} ({y["position"]})'
+    keys = sorted(k for k in set(x['adapter']) | set(y['adapter'])
+                  if x['adapter'].get(k) != y['adapter'].get(k))
+    if keys:
+      return f'at {x["pattern"]!r}: ' + ', '.join(
+          f'{k} {x["adapter"].get(k)!r} vs {y["adapter"].get(k)!r}' for k in keys[:3])
+  return ''
+
+
+def _check_average_inputs(config: ml_collections.ConfigDict, workdir: str, task: Task,
+                          tasks: dict[str, Task]) -> None:
+  """What writing the average task needs, checked from the members' saved configs."""
+  name, members = task.name, list(task.members)
+  if config.adapters[name].get('dir'):
+    raise ValueError(f'adapters.{name}.dir is set: task {name!r} is loaded from {task.source}, '
+                     f'not written here; set --config.adapters.{name}.dir= to write it in this '
+                     'workdir.')
+  untrained = [m for m in members if tasks[m].source is None]
+  if untrained:
+    raise ValueError(f'Task {name!r} averages {members}; train {untrained} first '
+                     f'(--config.task={untrained[0]}).')
+  saved = {m: adapter_dir.read_config(tasks[m].source) for m in members}
+  spaces = {m: (s.get('num_classes'), tuple(s.get('class_names') or ())) for m, s in saved.items()}
+  if len(set(spaces.values())) > 1 or not spaces[members[0]][0]:
+    found = '; '.join(f'{m}: {n} classes {list(c[:3])}{"..." if len(c) > 3 else ""}'
+                      for m, (n, c) in spaces.items())
+    raise ValueError(f'Task {name!r} averages {members}, whose heads have different label spaces '
+                     f'({found}); an average combines their heads, so its members must share '
+                     'one set of class names.')
+  from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
+  info = input_pipeline.get_info(task.config.input)
+  if (info.num_classes, tuple(info.class_names)) != spaces[members[0]]:
+    raise ValueError(f'Task {name!r}: its data (config.adapters.{name}.input) has '
+                     f'{info.num_classes} classes, its members {members} were trained on '
+                     f'{spaces[members[0]][0]} others; give it their label space.')
+  if task.combine == 'weights':
+    for m in members[1:]:
+      diff = _first_difference(saved[members[0]], saved[m])
+      if diff:
+        raise ValueError(f'Task {name!r} averages the weights of {members}, but {members[0]!r} '
+                         f'and {m!r} differ in structure ({diff}); a weight average needs one '
+                         "method, placement and width (combine='outputs' averages any).")
+  own = os.path.join(adapters_dir(workdir), name)
+  if os.path.exists(own) and not task.config.checkpoint.restart:
+    raise FileExistsError(f'{own} already holds task {name!r}; pass '
+                          '--config.checkpoint.restart=True to write it again (the old one is '
+                          'moved aside, not deleted).')
+
+
+def write_average(config: ml_collections.ConfigDict, workdir: str,
+                  name: str) -> dict[str, Any]:
+  """--mode=train for an average task: writes WORKDIR/adapters/<name> from its trained members
+  (no training step), then evaluates every trained task (config.eval_all_tasks). Returns
+  {'task', 'step' (0), 'metrics' ({}), 'adapter_dir', 'tasks' (the table, when evaluated)}."""
+  workdir = os.path.abspath(workdir)
+  tasks = plan(config, workdir)
+  task = get_task(tasks, name)
+  _check_average_inputs(config, workdir, task, tasks)
+  own = os.path.join(adapters_dir(workdir), name)
+  if os.path.exists(own) and jax.process_index() == 0:
+    moved = _new_previous_run(task_dir(workdir, name))
+    os.rename(own, os.path.join(moved, 'adapter_dir'))
+    metrics_lib.log(f'Writing task {name!r} again, as checkpoint.restart=True asks: the previous '
+                    f'one moved to {moved}.')
+  loaded = load(config, tasks, skip=[n for n in tasks if n not in task.members])
+  model, params = loaded.model, loaded.params
+  deltas = [adapter_dir.read(tasks[m].source)[1] for m in task.members]
+  average = None
+  try:
+    if task.combine == 'weights':
+      summed = arithmetic.weighted_sum(deltas, task.weights)
+      model, params = arithmetic.add_adapter(model, params, name, summed, like=task.members[0])
+    else:
+      head = f'{multi.HEADS}/{arithmetic.WILDCARD}/'
+      summed = arithmetic.weighted_sum(
+          [{k: v for k, v in d.items() if k.startswith(head)} for d in deltas], task.weights)
+      like = model.adapter(task.members[0])
+      model = model.with_adapter(multi.NamedAdapter(name, (), num_classes=like.num_classes,
+                                                    class_names=like.class_names))
+      flat = pretrained_common.flatten(params)
+      flat.update({f'{multi.HEADS}/{name}/{k[len(head):]}': v for k, v in summed.items()})
+      params = pretrained_common.unflatten(flat)
+      average = composition.Average(*task.members, weights=task.weights)
+      # The members' adapters must sit at positions an Average can combine: one trace tells.
+      jax.eval_shape(lambda p: model.apply({'params': p}, _images(task.config), adapter=average,
+                                           head=name, train=False), params)
+  except ValueError as e:
+    raise ValueError(f'Task {name!r}: {e}') from None
+  if jax.process_index() == 0:
+    adapter_dir.save(own, model, params, name, average=average, meta=_serving_meta(task, 0))
+    _write_index(workdir, plan(config, workdir))
+  weights = ', '.join(f'{w:g} {m}' for w, m in zip(task.weights, task.members))
+  metrics_lib.log(f'Wrote task {name!r}, the {task.combine} average ({weights}), as the adapter '
+                  f'directory {own} ({train_lib.human_bytes(train_lib.dir_bytes(own))}); nothing '
+                  'was trained.')
+  out = {'task': name, 'step': 0, 'metrics': {}, 'adapter_dir': own}
   if config.get('eval_all_tasks', True):
     out['tasks'] = evaluate_tasks(config, workdir)
   return out
@@ -543,7 +755,7 @@ def evaluate_tasks(config: ml_collections.ConfigDict, workdir: str,
   mesh = experiment.make_mesh(config)
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   infos = {n: input_pipeline.get_info(tasks[n].config.input) for n in trained}
-  needed = set(trained) | {m for n in trained for m in tasks[n].members}
+  needed = set(trained) | {m for n in trained for m in tasks[n].needs}
   loaded = load(config, tasks, skip=[n for n in tasks if n not in needed])
   model = loaded.model
   for n in trained:
@@ -711,7 +923,7 @@ def _run_mixed_eval(tasks: Sequence[Task], infos, mesh, model: multi.MultiAdapte
 def _log_table(results: dict[str, dict[str, Any]], tasks: dict[str, Task]) -> None:
   rows = [('task', 'method', 'classes', 'eval accuracy', 'examples', 'adapter')]
   for n, r in results.items():
-    method = tasks[n].method + (f'({"+".join(tasks[n].members)})' if tasks[n].is_fusion else '')
+    method = tasks[n].label
     if r['trained']:
       rows.append((n, method, str(r['num_classes']), f'{r["eval/accuracy"]:.4f}',
                    str(int(r['eval/examples'])), r['adapter_dir']))
@@ -774,7 +986,7 @@ class TaskPredictor(predict_lib.Predictor):
       raise FileNotFoundError(f'Task {name!r} is not trained (no {adapter_dir.CONFIG} in '
                               f'{os.path.join(adapters_dir(workdir), name)}): train it first '
                               f'(--mode=train --config.task={name}).')
-    keep = {name, *task.members}
+    keep = {name, *task.needs}
     loaded = load(config, tasks, skip=[n for n in tasks if n not in keep])
     meta = adapter_dir.read_config(task.source).get('meta') or _serving_meta(task, -1)
     return cls(loaded, name, task.config, meta)
@@ -790,13 +1002,15 @@ class TaskPredictor(predict_lib.Predictor):
                        'was not written by a multi-task run; load it in Python with '
                        'vadapt.adapter_dir.load.')
     config = predict_lib.config_from_meta(meta, backbone)
-    members = (saved.get('fusion') or {}).get('members', [])
+    served = adapter_dir.block(saved)
+    members = list(served.members) if served is not None else []
     parent = os.path.dirname(os.path.abspath(directory))
     sources = [os.path.join(parent, m) for m in members] + [os.path.abspath(directory)]
     missing = [s for s in sources if not os.path.isfile(os.path.join(s, adapter_dir.CONFIG))]
     if missing:
-      raise FileNotFoundError(f'Adapter {saved["name"]!r} in {directory!r} is an AdapterFusion '
-                              f'of {members}; their directories are missing: {missing}.')
+      kind = 'an AdapterFusion' if saved.get('fusion') else 'an output average'
+      raise FileNotFoundError(f'Adapter {saved["name"]!r} in {directory!r} is {kind} of '
+                              f'{members}; their directories are missing: {missing}.')
     net = backbones.make_model(config.backbone, None)
     for s in sources:
       adapter_dir.check_layout(s, adapter_dir.read_config(s), _abstract_backbone(config, net))
@@ -806,7 +1020,7 @@ class TaskPredictor(predict_lib.Predictor):
     for s in sources:
       model, params = adapter_dir.add(model, params, s)
     name = saved['name']
-    selection = adapter_dir.fuse_block(saved) or name
+    selection = served or name
     loaded = Loaded(backbone=net, model=model, params=params, selections={name: selection})
     return cls(loaded, name, config, meta)
 
@@ -864,7 +1078,7 @@ class MixedPredictor:
     tasks = plan(config, workdir)
     check_requested(tasks, names)
     wanted = [t for t in tasks.values() if t.name in set(names)]
-    keep = {n for t in wanted for n in (t.name, *t.members)}
+    keep = {n for t in wanted for n in (t.name, *t.needs)}
     loaded = load(config, tasks, skip=[n for n in tasks if n not in keep])
     return cls(loaded, wanted, batch_size)
 

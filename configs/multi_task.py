@@ -15,22 +15,31 @@ before are loaded from WORKDIR/adapters and stay frozen (bit-identical). See vad
       --manifest=requests.txt      # lines 'IMAGE TASK': mixed batches, one compiled program
   python -m vadapt.main --config=configs/multi_task.py --workdir=w --mode=eval_tasks \
       --config.eval_mixed=True     # every task's eval split interleaved in mixed batches
+  python -m vadapt.main --config=configs/multi_task.py:test --workdir=w --config.task=soup
+      # an average task (after all_a and all_b): written from its members, nothing trained
 
 config.adapter and config.input hold every task's adapter options and data; a task's own fields
 (--config.adapters.<task>.<field>, e.g. --config.adapters.flowers.bottleneck=32 or
 --config.adapters.flowers.input.name=cifar100) override them for that task, unset ones follow them;
 --config.adapters.pets.dir=trained/pets loads an adapter directory instead of training the task.
+An average task (`task(c, 'average', members=, weights=, combine=)`) is derived from trained tasks
+of one label space: combine='weights' sums their parameters with the weights (a model soup; weights
+may be negative: task arithmetic), combine='outputs' sums their adapter outputs and head logits at
+inference (composition.Average); --mode=train writes it without training (vadapt.multi_task).
 Tasks:
   pets      houlsby adapters, oxford_iiit_pet
   flowers   houlsby adapters, oxford_flowers102
   fused     AdapterFusion of pets and flowers (adapters placed alike), trained on oxford_iiit_pet
 With `test`: tasks even (pfeiffer, digits 0 2 4 6 8), odd (pfeiffer, bottleneck 4, digits 1 3 5 7
-9) and fused (AdapterFusion of even and odd on all ten digits).
+9), fused (AdapterFusion of even and odd on all ten digits), all_a and all_b (pfeiffer, all ten
+digits, trained on train[:50%] and train[50%:]), soup (their weight average) and ensemble (their
+output average).
 With `dinov2`: the real DINOv2 ViT-S/14 on Fashion-MNIST, sized for two CPU cores as
 configs/dinov2_fashion_mnist.py (`python -m vadapt.artifacts` fetches both): tasks even (Houlsby,
-classes 0 2 4 6 8), odd (Houlsby, classes 1 3 5 7 9), all (Houlsby, the ten classes) and fused
-(AdapterFusion of even and odd on the ten classes); benchmarks/multi_adapter.py --real trains
-them one after another.
+classes 0 2 4 6 8), odd (Houlsby, classes 1 3 5 7 9), all (Houlsby, the ten classes), all_b (as
+all, on the next `train` images: train[n:2n]), fused (AdapterFusion of even and odd on the ten
+classes), soup and ensemble (the weight and output averages of all and all_b);
+benchmarks/multi_adapter.py --real trains the ordinary ones one after another.
 
 Arguments after ':' (comma separated):
   variant=B/16      ViT variant (not with dinov2)
@@ -97,7 +106,8 @@ def _averages(c: ml_collections.ConfigDict, a: str,
 
 def _dinov2(arg) -> ml_collections.ConfigDict:
   """The real DINOv2 ViT-S/14 on Fashion-MNIST (configs/dinov2_fashion_mnist.py's recipe) with
-  the tasks even, odd, all (Houlsby adapters) and fused (AdapterFusion of even and odd)."""
+  the tasks even, odd, all, all_b (Houlsby adapters), fused (AdapterFusion of even and odd), soup
+  and ensemble (the weight and output averages of all and all_b)."""
   from configs import dinov2_fashion_mnist  # pylint: disable=g-import-not-at-top
   c = dinov2_fashion_mnist.get_config(
       f'method=houlsby,size={arg.size},train={arg.train},steps={arg.steps or 100}'

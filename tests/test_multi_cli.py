@@ -184,7 +184,7 @@ def test_a_manifest_is_served_in_mixed_batches_equal_to_each_task_alone(trained,
   assert run_cli(argv(w, '--mode=predict', f'--manifest={manifest}')) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err[0] == (f"vadapt: error: ValueError: {manifest}: 'nope' is not a task of "
-                    'config.adapters; tasks: even, odd, fused.'), err
+                    'config.adapters; tasks: all_a, all_b, even, odd, soup, fused, ensemble.'), err
   manifest.write_text('images/9.png even\n')
   assert run_cli(argv(w, '--mode=predict', f'--manifest={manifest}')) == 2
   assert f"{manifest}:1: image 'images/9.png' does not exist" in capsys.readouterr().err
@@ -225,14 +225,15 @@ def test_mixed_evaluation_equals_the_per_task_evaluation(trained):
 
 
 @pytest.mark.parametrize('extra, cause', [
-    (['--config.task=nope'], "config.task='nope' is not a task of config.adapters; tasks: even, "
-                             'odd, fused.'),
+    (['--config.task=nope'], "config.task='nope' is not a task of config.adapters; tasks: all_a, "
+                             'all_b, even, odd, soup, fused, ensemble.'),
     (['--mode=predict', '--adapter=nope', '--images=x.png'],
      "--adapter='nope' is not a task of config.adapters"),
     (['--config.task=fused'], "Task 'fused' fuses ['even', 'odd']; train ['even', 'odd'] first"),
     (['--config.adapters.odd.drop_rate=1.5'],
      'adapters.odd: drop_rate (AdapterDrop) must be in [0, 1)'),
-    (['--config.adapters.odd.members=("even",)'], "members is an option of method='fusion'"),
+    (['--config.adapters.odd.members=("even",)'],
+     "members is an option of method='fusion' or 'average'"),
     (['--config.adapters.odd.method=vpt_deep'], 'a named adapter is one of houlsby'),
     (['--config.adapters.even.dir=/no/such/dir'], "adapter config not found: '/no/such/dir/"),
     (['--mode=zeroshot'], '--mode=zeroshot does not take a multi-task config'),

@@ -37,7 +37,7 @@ no training step, and it then evaluates, predicts and exports like any task.
                       (method, placement, widths).
   combine='outputs'   the weighted sum of the members' adapter outputs at every module at
                       inference (composition.Average), and of their head logits (stored as the
-                      weighted sum of their heads, which heads being linear is the same): a
+                      weighted sum of their heads: the same logits, heads being linear): a
                       head-only adapter served with an Average block, like a fusion.
 The members are ordinary trained tasks (not fusions, not averages) sharing the average's label
 space (the same class names); weights default to equal ones summing to 1 and may be negative (task
@@ -445,11 +445,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
   info = input_pipeline.get_info(c.input)
   experiment.check_data(c, info)
-  # Fusions over this task would fuse its old adapter: they are left out (and stale after).
-  stale = [t.name for t in tasks.values() if task.name in t.members and t.source is not None]
-  if stale:
-    metrics_lib.log(f'Note: retraining {task.name!r} changes what the trained fusion task(s) '
-                    f'{stale} fuse; train them again afterwards.')
+  # Fusions and averages over this task hold its old adapter: they are left out (and stale after).
+  stale = _stale(task, tasks)
   loaded = load(config, tasks, skip=(task.name, *stale))
   images = _images(c)
   if task.is_fusion:
@@ -510,6 +507,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   loaded = Loaded(backbone=loaded.backbone, model=model, params=params,
                   selections={**loaded.selections, task.name: selection})
   return exp, loaded, task
+
+
+def _stale(task: Task, tasks: dict[str, Task]) -> list[str]:
+  """The trained fusions and averages over `task`, which retraining or rewriting it leaves
+  stale (a note says so)."""
+  stale = [t.name for t in tasks.values() if task.name in t.members and t.source is not None]
+  if stale:
+    metrics_lib.log(f'Note: {task.name!r} changes under the trained fusion or average task(s) '
+                    f'{stale}, which hold its old version; write them again afterwards '
+                    '(--config.checkpoint.restart=True).')
+  return stale
 
 
 def _check_fusable(task: Task, tasks: dict[str, Task]) -> None:
@@ -643,6 +651,7 @@ def write_average(config: ml_collections.ConfigDict, workdir: str,
   task = get_task(tasks, name)
   _check_average_inputs(config, workdir, task, tasks)
   own = os.path.join(adapters_dir(workdir), name)
+  _stale(task, tasks)
   if os.path.exists(own) and jax.process_index() == 0:
     moved = _new_previous_run(task_dir(workdir, name))
     os.rename(own, os.path.join(moved, 'adapter_dir'))

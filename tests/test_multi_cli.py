@@ -198,7 +198,10 @@ def test_mixed_evaluation_equals_the_per_task_evaluation(trained):
     config.eval_mixed = True
   mixed = multi_task.evaluate_tasks(config, w)
   assert mixed.keys() == per_task.keys()
-  for name in mixed:
+  trained = [n for n in mixed if mixed[n]['trained']]
+  assert trained == ['even', 'odd', 'fused']
+  assert all(mixed[n] == per_task[n] == {'trained': False} for n in mixed if n not in trained)
+  for name in trained:
     assert mixed[name]['eval/accuracy'] == per_task[name]['eval/accuracy'], name
     assert mixed[name]['eval/examples'] == per_task[name]['eval/examples'], name
     np.testing.assert_allclose(mixed[name]['eval/loss'], per_task[name]['eval/loss'], rtol=1e-6)

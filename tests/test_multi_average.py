@@ -5,6 +5,7 @@ members stay bit-identical; bad input is one line before any work."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -145,6 +146,17 @@ def test_writing_an_average_again_is_refused_unless_asked(averaged, capsys):
   assert contents(soup)[weights] == before[weights]
   moved = os.path.join(w, 'tasks', 'soup', 'previous_runs', '1', 'adapter_dir')
   assert contents(moved) == before
+
+
+def test_negative_weights_subtract_a_task(averaged, tmp_path):
+  w, _ = averaged
+  shutil.copytree(os.path.join(w, 'adapters'), tmp_path / 'adapters',
+                  ignore=shutil.ignore_patterns('soup', 'ensemble'))
+  run_main(argv(tmp_path, '--config.task=soup', '--config.adapters.soup.weights=(1.5,-0.5)'))
+  _, weights = adapter_dir.read(tmp_path / 'adapters' / 'soup')
+  deltas = [adapter_dir.read(os.path.join(w, 'adapters', n))[1] for n in MEMBERS]
+  for path, value in arithmetic.weighted_sum(deltas, [1.5, -0.5]).items():
+    np.testing.assert_array_equal(weights[path], np.asarray(value), err_msg=path)
 
 
 @pytest.fixture(scope='module')

@@ -17,20 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 METHODS = ('lora', 'dora', 'ssf', 'ia3')
-
-
-def _machine() -> str:
-  import jax  # pylint: disable=g-import-not-at-top
-  from vadapt import metrics  # pylint: disable=g-import-not-at-top
-  info = metrics.machine()
-  return (f'{info["cpu"]} ({", ".join(info["flags"]) or "no listed SIMD flags"}); '
-          f'{info["cores"]} cores visible; jax {jax.__version__} ({jax.default_backend()}); '
-          f'Python {platform.python_version()}')
 
 
 def _perturbed(params, method, seed=0):
@@ -129,7 +119,8 @@ def main() -> None:
   wall = time.perf_counter() - start
   load_after = os.getloadavg()
   text = table(rows, args)
-  machine = _machine()
+  from vadapt import metrics  # pylint: disable=g-import-not-at-top
+  machine = metrics.machine_line()
   load = (f'Load average (1/5/15 min) before the run: {", ".join(f"{x:.2f}" for x in load_before)}'
           f'; after: {", ".join(f"{x:.2f}" for x in load_after)}. Wall time {wall:.0f} s.')
   print(f'{text}\nMachine: {machine}\n{load}')

@@ -103,6 +103,15 @@ def machine() -> dict:
           'python': platform.python_version()}
 
 
+def machine_line() -> str:
+  """machine() and the JAX backend as one line, for a benchmark's results file."""
+  import jax  # pylint: disable=g-import-not-at-top
+  info = machine()
+  return (f'{info["cpu"]} ({", ".join(info["flags"]) or "no listed SIMD flags"}); '
+          f'{info["cores"]} cores visible; jax {jax.__version__} ({jax.default_backend()}); '
+          f'Python {info["python"]}')
+
+
 def peak_memory() -> tuple[int, str]:
   """(bytes, what) of this process's peak memory so far.
 

@@ -6,6 +6,7 @@ import os
 import ml_collections
 import pytest
 
+from configs import common
 from configs import transfer_study
 from configs import vit_b16_adapter
 from tests import cli_runner
@@ -95,6 +96,9 @@ def test_default_plan_is_the_vtab_1k_protocol():
   assert (fin.adapter.method, fin.seed, fin.optimizer.learning_rate) == (
       final[4].method, final[4].seed, final[4].learning_rate)
   assert 'study' not in fin and fin.total_steps == 100
+  head = study.run_config(c, next(r for r in final if r.method == 'full_head'))
+  assert head.adapter.method == 'full' and head.optimizer.lr_mults == (('^head/', 1000.0),)
+  assert fin.optimizer.lr_mults == () and fin.adapter.method != 'full_head'
   big = transfer_study.get_config('accelerator')
   assert (big.backbone.image_size, big.total_steps, big.batch_size) == (224, 1600, 64)
 
@@ -105,6 +109,12 @@ def test_default_plan_is_the_vtab_1k_protocol():
     (dict(sweep_methods=('full',)), 'not in study.methods'),
     (dict(val_examples=1000), '0 < val_examples < train_examples'),
     (dict(seeds=()), 'seeds is empty'),
+    (dict(methods=('linear', 'head')), "method 'head', neither a known method"),
+    (dict(variants={'v': (('adapter.method', 'fulll'),)}), "adapter.method 'fulll': a variant"),
+    (dict(variants={'v': (('adapter.method', 'full'), ('optimizer.lr_mult', ()))}),
+     "'optimizer.lr_mult', which is not a field"),
+    (dict(variants={'v': (('adapter.method', 'full'), ('seed', 3))}), 'the study sets'),
+    (dict(variants={'v': (('adapter.method', 'full'), ('total_steps', 'x'))}), 'total_steps to'),
 ])
 def test_bad_study_configs_are_refused_before_any_work(tmp_path, change, message):
   c = tiny_study()
@@ -112,6 +122,57 @@ def test_bad_study_configs_are_refused_before_any_work(tmp_path, change, message
   with pytest.raises(ValueError, match=message):
     study.run_study(c, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def stored_run(tmp_path, config, drop=()):
+  """A finished run of `config` in tmp_path/run, its stored config without the fields in `drop`."""
+  stored = json.loads(config.to_json_best_effort())
+  for path in drop:
+    *parents, leaf = path.split('.')
+    node = stored
+    for name in parents:
+      node = node[name]
+    del node[leaf]
+  row = dict(method=config.adapter.method, accuracy=0.5, eval_examples=64, trainable=10,
+             total=100, seconds=1.0, steps=4, learning_rate=1e-3, delta_bytes=1, backbone_bytes=2)
+  os.makedirs(tmp_path / 'run')
+  with open(tmp_path / 'run' / demo.RESULT_FILE, 'w') as f:
+    json.dump({'row': row, 'config': stored}, f)
+  return str(tmp_path / 'run')
+
+
+def test_added_fields_are_the_defaults_of_the_base_config():
+  base = common.base_config()
+  for path, default in demo.ADDED_FIELDS.items():
+    section, name = path.split('.')
+    assert base[section][name] == default, path
+
+
+def test_a_run_stored_before_fields_were_added_is_reused_at_their_defaults(tmp_path):
+  c = vit_b16_adapter.get_config('test')
+  workdir = stored_run(tmp_path, c, drop=tuple(demo.ADDED_FIELDS))
+  assert demo.finished_row(c, workdir).accuracy == 0.5  # Behaviour unchanged: the same run.
+  for path, value in [('optimizer.lr_mults', (('^head/', 10.0),)),
+                      ('adapter.drop_schedule', 'linear'), ('adapter.drop_ramp_steps', 5)]:
+    changed = vit_b16_adapter.get_config('test')
+    study._set(changed, path, value)
+    with pytest.raises(ValueError, match=f'another config \\({path} is .* now and not in the '):
+      demo.finished_row(changed, workdir)
+
+
+def test_any_other_difference_refuses_the_stored_run(tmp_path):
+  c = vit_b16_adapter.get_config('test')
+  dropped = stored_run(tmp_path, c, drop=('adapter.rank',))  # Not an added field.
+  with pytest.raises(ValueError, match=r'\(adapter.rank is 8 now and not in the stored config\)'):
+    demo.finished_row(c, dropped)
+  changed = vit_b16_adapter.get_config('test')
+  changed.total_steps = 5
+  with pytest.raises(ValueError, match=r'\(total_steps is stored as 4 and is 5 now\); use a'):
+    demo.finished_row(changed, stored_run(tmp_path / 'b', c))
+  older = vit_b16_adapter.get_config('test')
+  older.adapter.gone = 1  # A field the library has since removed.
+  with pytest.raises(ValueError, match=r'\(adapter.gone is stored as 1 and is no longer in'):
+    demo.finished_row(c, stored_run(tmp_path / 'c', older))
 
 
 def tiny_study(**changes) -> ml_collections.ConfigDict:
@@ -126,6 +187,23 @@ def tiny_study(**changes) -> ml_collections.ConfigDict:
         artifacts=()))
     c.study.update(changes)
   return c
+
+
+def test_a_variant_is_a_study_method_of_its_own(tmp_path):
+  c = tiny_study(methods=('linear', 'linear_fast'), sweep_methods=(), variants={
+      'linear_fast': study.variant_pairs({'adapter.method': 'linear',
+                                          'optimizer.lr_mults': (('^head/', 10.0),)})})
+  c.study.learning_rates = ml_collections.ConfigDict({'linear': (1e-2,), 'linear_fast': (1e-3,)})
+  study.check_config(c)
+  runs = study.selection_runs(c)
+  assert [r.workdir for r in runs] == ['select/linear/lr0.01', 'select/linear_fast/lr0.001']
+  assert 'linear_fast: adapter.method=\'linear\', optimizer.lr_mults=' in study.describe(c)[1]
+  records = study._execute(c, runs, str(tmp_path), isolate=False)
+  assert [(r['method'], r['learning_rate']) for r in records] == [('linear', 1e-2),
+                                                                 ('linear_fast', 1e-3)]
+  stored = json.load(open(tmp_path / runs[1].workdir / demo.RESULT_FILE))['config']
+  assert stored['adapter']['method'] == 'linear'
+  assert stored['optimizer']['lr_mults'] == [['^head/', 10.0]]
 
 
 def test_isolated_runs_train_in_their_own_process(tmp_path, monkeypatch):

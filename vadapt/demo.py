@@ -105,8 +105,50 @@ def _config_json(config: ml_collections.ConfigDict) -> Any:
   return json.loads(config.to_json_best_effort())
 
 
+# Fields added to the training config after runs were stored, each with the value under which
+# training is what it was before the field existed (configs/common.base_config()'s default). A
+# stored config without such a field is the same run when the current config holds this value.
+ADDED_FIELDS = {
+    'optimizer.lr_mults': (),
+    'adapter.drop_schedule': 'constant',
+    'adapter.drop_ramp_steps': 0,
+}
+
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': leaf} of a JSON config (an empty dict is a leaf)."""
+  if not isinstance(tree, dict) or not tree:
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f'{prefix}.{k}' if prefix else k))
+  return out
+
+
+def config_difference(stored: Any, current: Any) -> Optional[str]:
+  """The first difference between a stored config JSON and the current one, None if the same run.
+
+  A field the stored config lacks is no difference when it is one of ADDED_FIELDS and the current
+  config holds its default there.
+  """
+  old, new = _flat(stored), _flat(current)
+  for path in sorted(old.keys() | new.keys()):
+    if path not in new:
+      return f'{path} is stored as {old[path]!r} and is no longer in the config'
+    if path not in old:
+      if (path in ADDED_FIELDS
+          and new[path] == json.loads(json.dumps(ADDED_FIELDS[path]))):
+        continue
+      return f'{path} is {new[path]!r} now and not in the stored config'
+    if old[path] != new[path]:
+      return f'{path} is stored as {old[path]!r} and is {new[path]!r} now'
+  return None
+
+
 def finished_row(config: ml_collections.ConfigDict, workdir: str) -> Optional[Row]:
   """The row of a run of `config` that finished in `workdir`, None if none did.
+
+  The stored config must equal `config`, except for ADDED_FIELDS at their defaults.
 
   Raises:
     ValueError: workdir holds a finished run of another config.
@@ -116,9 +158,10 @@ def finished_row(config: ml_collections.ConfigDict, workdir: str) -> Optional[Ro
     return None
   with open(result_path) as f:
     stored = json.load(f)
-  if stored.get('config') != _config_json(config):
-    raise ValueError(f'{result_path} holds a result of another config; use a fresh workdir or '
-                     'delete it to train again.')
+  difference = config_difference(stored.get('config') or {}, _config_json(config))
+  if difference:
+    raise ValueError(f'{result_path} holds a result of another config ({difference}); use a '
+                     'fresh workdir or delete it to train again.')
   metrics_lib.log(f'{config.adapter.method}: reusing the finished run in {workdir}.')
   return Row(**stored['row'])
 

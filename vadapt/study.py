@@ -12,6 +12,12 @@ The protocol is VTAB-1k's, on the config's data (`config.study`):
   3. sweep: `study.sweep_methods` on the first n of each of `study.sweep_sizes` examples, every
      seed, at the rate chosen in 1 (a size equal to `train_examples` reuses the final runs).
 
+A study method is one of vadapt's methods or a variant (`study.variants[name]`): config overrides
+by dotted path, e.g. {'adapter.method': 'full', 'optimizer.lr_mults': (('^head/', 1000.0),)}
+(full fine-tuning with its head at 1000x the rate), studied like any other method: its own grid,
+runs and row. A ConfigDict takes no dots in its keys, so the config holds each variant's overrides
+as (path, value) pairs (`study.variant_pairs`).
+
 Each run is a normal training run (vadapt.train) in its own workdir, WORKDIR/<phase>/<method>/...
 (the rate in the path); a finished run's result.json is reused, so a stopped study continues where
 it stopped, and a widened grid trains only the new rates and what they change. With
@@ -68,6 +74,57 @@ def _lr_name(lr: float) -> str:
   return f'lr{lr:g}'
 
 
+# What the study sets in each run; a variant may not override it.
+_STUDY_FIELDS = ('optimizer.learning_rate', 'seed', 'input.train_split', 'input.eval_split',
+                 'input.vtab_1k')
+
+
+def variant_pairs(overrides: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+  """A variant's {dotted path: value} as the (path, value) pairs config.study.variants holds."""
+  return tuple((str(k), v) for k, v in overrides.items())
+
+
+def variant(config: ml_collections.ConfigDict, method: str) -> dict[str, Any]:
+  """{dotted path: value} of study method `method` ({} for one of vadapt's own methods)."""
+  pairs = (config.study.get('variants') or {}).get(method)
+  return {} if pairs is None else dict(pairs)
+
+
+def _set(c: ml_collections.ConfigDict, path: str, value: Any) -> None:
+  """c.<path> = value, for a dotted path that exists in c."""
+  *parents, leaf = path.split('.')
+  node = c
+  for name in parents:
+    node = node[name]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise KeyError(path)
+  node[leaf] = value
+
+
+def _check_variant(config: ml_collections.ConfigDict, name: str, pairs: Any) -> None:
+  from vadapt import experiment  # pylint: disable=g-import-not-at-top
+  where = f'config.study.variants[{name!r}]'
+  try:
+    overrides = dict(pairs)
+  except (TypeError, ValueError):
+    raise ValueError(f'{where} must be (dotted path, value) pairs, e.g. '
+                     "(('adapter.method', 'full'),); found {pairs!r}.") from None
+  base = overrides.get('adapter.method')
+  if base not in experiment.METHODS:
+    raise ValueError(f'{where} has adapter.method {base!r}: a variant names the method it varies, '
+                     f'one of {experiment.METHODS}.')
+  probe = copy.deepcopy(config)
+  for path, value in overrides.items():
+    if path in _STUDY_FIELDS or path.startswith('study.'):
+      raise ValueError(f'{where} overrides {path}, which the study sets in every run.')
+    try:
+      _set(probe, path, value)
+    except (KeyError, AttributeError):
+      raise ValueError(f'{where} overrides {path!r}, which is not a field of the config.') from None
+    except TypeError as e:
+      raise ValueError(f'{where} sets {path} to {value!r}: {e}'.replace('\n', ' ')) from None
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Refuses a study config that cannot run, before any work, in one line."""
   from vadapt import experiment  # pylint: disable=g-import-not-at-top
@@ -76,9 +133,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError('--mode=study needs config.study (see configs/transfer_study.py).')
   if not s.methods:
     raise ValueError('config.study.methods is empty: nothing to study.')
+  variants = s.get('variants') or {}
+  for name, pairs in variants.items():
+    _check_variant(config, name, pairs)
   for m in s.methods:
-    if m not in experiment.METHODS:
-      raise ValueError(f'config.study has method {m!r}; known methods: {experiment.METHODS}.')
+    if m not in experiment.METHODS and m not in variants:
+      raise ValueError(f'config.study has method {m!r}, neither a known method '
+                       f'{experiment.METHODS} nor one of study.variants {tuple(variants)}.')
     if not tuple((s.learning_rates or {}).get(m) or ()):
       raise ValueError(f'config.study.learning_rates has no grid for method {m!r} (a tuple of '
                        'peak learning rates).')
@@ -131,9 +192,12 @@ def test_runs(config: ml_collections.ConfigDict, rates: Mapping[str, float]) -> 
 def run_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
   """The training config of one run: the study's config with its method, rate, seed and data."""
   s = config.study
+  overrides = variant(config, run.method)
   c = copy.deepcopy(config)
   with c.unlocked():
     c.adapter.method = run.method
+    for path, value in overrides.items():
+      _set(c, path, value)
     c.optimizer.learning_rate = run.learning_rate
     c.seed = run.seed
     c.input.vtab_1k = False
@@ -179,7 +243,8 @@ def _execute(config: ml_collections.ConfigDict, runs: Sequence[Run], workdir: st
         row = pool.submit(_train_one, c, path).result()
     else:
       row = _train_one(c, path)
-    records.append({**dataclasses.asdict(run), **row})
+    # The run's fields win: a variant's row names its base method ('full'), the record the variant.
+    records.append({**row, **dataclasses.asdict(run)})
   return records
 
 
@@ -341,6 +406,10 @@ def describe(config: ml_collections.ConfigDict) -> tuple[str, str]:
       f'{c.total_steps} steps of batch {c.batch_size} ({c.optimizer.name}, {c.schedule.decay} '
       f'decay, {c.schedule.warmup_steps} warm-up steps), the backbone frozen except for '
       f'method full.')
+  for name in s.methods:
+    overrides = variant(config, name)
+    if overrides:
+      protocol += f' {name}: ' + ', '.join(f'{k}={v!r}' for k, v in overrides.items()) + '.'
   return title, protocol
 
 

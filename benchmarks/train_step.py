@@ -4,7 +4,9 @@ r"""Train-step throughput and peak memory: full fine-tuning vs adapters vs linea
   python benchmarks/train_step.py --variant=mu/4 --image_size=32 --steps=2   # a quick smoke run
   python benchmarks/train_step.py --methods=full,houlsby,lora   # some methods
 
-Inference latency of the weight-space methods merged and unmerged: benchmarks/merge_latency.py.
+`--methods=forward`: the bare backbone's jitted forward pass alone (the peer comparison's
+inference row). Inference latency of the weight-space methods merged and unmerged:
+benchmarks/merge_latency.py.
 
 Each method runs in its own fresh process (peak RSS from resource.getrusage is per process), using
 the trainer's own pieces: vadapt.experiment.build_model / label_rules / make_optimizer /
@@ -52,6 +54,8 @@ def _worker(args) -> dict:
   from vadapt import api, experiment, partition, train  # pylint: disable=g-import-not-at-top
   rss_imports = _rss_mib()
   method, _, option = args.method.partition('+')
+  if method == 'forward':
+    return _forward_worker(args, rss_imports)
   if option not in ('', 'remat', 'remat_dots'):
     raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat' or "
                      "'remat_dots'.")
@@ -137,6 +141,38 @@ def _worker(args) -> dict:
       'loss': float(m['loss']),
       'tensorflow_loaded': 'tensorflow' in sys.modules,
   }
+
+
+def _forward_worker(args, rss_imports: float) -> dict:
+  """'forward': the bare backbone's jitted forward pass (what serving costs; the peer comparison's
+  inference row). Adapters served merged or unmerged: benchmarks/merge_latency.py."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  from vadapt import backbones  # pylint: disable=g-import-not-at-top
+  model = backbones.make_model(ml_collections.ConfigDict(_backbone_config(args)), 100)
+  images = jnp.asarray(np.random.default_rng(0).normal(
+      size=(args.batch_size, args.image_size, args.image_size, 3)), jnp.float32)
+  params = jax.jit(lambda r: model.init(r, images[:1], train=False)['params'])(
+      jax.random.PRNGKey(0))
+  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  start = time.perf_counter()
+  compiled = fwd.lower(params, images).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(params, images))
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params, images))
+    times.append(time.perf_counter() - start)
+  sec = float(np.median(times))
+  total = sum(x.size for x in jax.tree.leaves(params))
+  return {'method': args.method, 'remat': False, 'trainable': 0, 'total': total,
+          'sec_per_step': sec, 'img_per_sec': args.batch_size / sec, 'compile_s': compile_s,
+          'xla_step_mib': None, 'rss_imports_mib': rss_imports,
+          'rss_before_step_mib': rss_imports, 'peak_rss_mib': _rss_mib(), 'loss': float('nan'),
+          'tensorflow_loaded': 'tensorflow' in sys.modules}
 
 
 def _backbone_config(args, option: str = '') -> dict:

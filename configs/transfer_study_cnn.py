@@ -36,13 +36,14 @@ VARIANTS = {'full_head': transfer_study.VARIANTS['full_head']}
 
 # AdamW, cosine, as in the DINOv2 study: the probe and BitFit take large steps, the adapters and
 # LoRA moderate ones, full fine-tuning small ones (full_head's head at 1000x the grid's rate).
+# LoRA and the conv adapters reach 3e-2: at 64 px they chose 1e-2, the top of the first grid.
 LEARNING_RATES = {
     'linear': (3e-3, 1e-2, 3e-2, 1e-1),
     'bitfit': (3e-3, 1e-2, 3e-2),
-    'lora': (1e-3, 3e-3, 1e-2),
+    'lora': (1e-3, 3e-3, 1e-2, 3e-2),
     'dora': (1e-3, 3e-3, 1e-2),
-    'conv': (1e-3, 3e-3, 1e-2),
-    'conv_parallel': (1e-3, 3e-3, 1e-2),
+    'conv': (1e-3, 3e-3, 1e-2, 3e-2),
+    'conv_parallel': (1e-3, 3e-3, 1e-2, 3e-2),
     'full': (3e-5, 1e-4, 3e-4),
     'full_head': (1e-5, 3e-5, 1e-4),
 }

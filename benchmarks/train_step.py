@@ -44,6 +44,9 @@ def _rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+_LAYER_NORM = {'default': None, 'true': True, 'false': False}
+
+
 def _worker(args) -> dict:
   import jax
   import jax.numpy as jnp
@@ -66,7 +69,8 @@ def _worker(args) -> dict:
       'backbone': _backbone_config(args, option),
       'adapter': {'method': method, 'bottleneck': args.bottleneck,
                   'reduction_factor': None, 'layers': None, 'activation': 'relu', 'scale': None,
-                  'learnable_scale': False, 'layer_norm': None, 'dropout': 0.0,
+                  'learnable_scale': False, 'layer_norm': _LAYER_NORM[args.adapter_layer_norm],
+                  'dropout': 0.0,
                   'prompts': args.prompts, 'drop_rate': 0.0, 'drop_schedule': 'constant',
                   'drop_ramp_steps': 0, 'rank': args.rank, 'alpha': None, 'modules': None},
       'train_head': True,
@@ -246,6 +250,9 @@ def main() -> None:
   parser.add_argument('--bottleneck', type=int, default=64)
   parser.add_argument('--prompts', type=int, default=50, help='VPT prompt tokens per set.')
   parser.add_argument('--rank', type=int, default=8, help='LoRA/DoRA rank (query and value).')
+  parser.add_argument('--adapter_layer_norm', choices=('default', 'true', 'false'),
+                      default='default', help="The bottleneck's inner LayerNorm: the method's "
+                      "default (on for 'parallel', AdaptFormer's; off otherwise), or forced.")
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--methods', default=','.join(METHODS),
                       help="Comma-separated, or 'family' for every method without remat "
@@ -272,7 +279,7 @@ def main() -> None:
            f'--variant={args.variant}', f'--image_size={args.image_size}',
            f'--batch_size={args.batch_size}', f'--bottleneck={args.bottleneck}',
            f'--prompts={args.prompts}',
-           f'--rank={args.rank}',
+           f'--rank={args.rank}', f'--adapter_layer_norm={args.adapter_layer_norm}',
            f'--patch_size={args.patch_size}', f'--dtype={args.dtype}',
            f'--steps={args.steps}']
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -50,7 +50,10 @@ def _vadapt_cmd(suite, mode, args):
   variant, patch, size, batch = SUITES[suite]
   return [sys.executable, os.path.join(ROOT, 'benchmarks', 'train_step.py'), f'--method={mode}',
           f'--variant={variant}', f'--patch_size={patch}', f'--image_size={size}',
-          f'--batch_size={batch}', f'--steps={args.steps}', f'--dtype={args.dtype}']
+          f'--batch_size={batch}', f'--steps={args.steps}', f'--dtype={args.dtype}',
+          # AdapterHub's par_bn has no LayerNorm inside the bottleneck; vadapt's parallel default
+          # (AdaptFormer's) has one: the comparison runs the same architecture on both sides.
+          '--adapter_layer_norm=false']
 
 
 def _peer_cmd(suite, mode, args):

@@ -57,7 +57,6 @@ def main() -> None:
       times[k].append(time.perf_counter() - start)
   out = {k: fns[('forward', k)](params, x) for k in models}
   diff = float(jnp.abs(out['shifted'] - out['conv']).max() / jnp.abs(out['conv']).max())
-  load_after = os.getloadavg()
 
   lines = [f'EfficientNet-{args.variant.capitalize()}, {args.image_size}px, batch '
            f'{args.batch_size}, float32; median of {args.rounds} round-robin rounds.', '',
@@ -69,15 +68,8 @@ def main() -> None:
     lines.append(f'| {what} | {conv:.1f} | {shifted:.1f} | {shifted / conv:.2f}x |')
   lines += ['', f'Largest logit difference between the two, relative to the largest logit: '
             f'{diff:.1e}.']
-  text = '\n'.join(lines)
-  load = (f'Load average (1/5/15 min) before the run: {", ".join(f"{v:.2f}" for v in load_before)}'
-          f'; after: {", ".join(f"{v:.2f}" for v in load_after)}.')
-  machine = metrics.machine_line()
-  print(f'{text}\n\nMachine: {machine}\n{load}')
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(f'# Depthwise convolutions on XLA:CPU\n\nCommand: `python benchmarks/depthwise_conv.py '
-              f'{" ".join(sys.argv[1:])}`\n\nMachine: {machine}\n\n{load}\n\n{text}\n')
+  metrics.report_benchmark('Depthwise convolutions on XLA:CPU', '\n'.join(lines), load_before,
+                           metrics.machine_line(), args.out)
 
 
 if __name__ == '__main__':

@@ -117,19 +117,10 @@ def main() -> None:
   start = time.perf_counter()
   rows = run(args)
   wall = time.perf_counter() - start
-  load_after = os.getloadavg()
-  text = table(rows, args)
   from vadapt import metrics  # pylint: disable=g-import-not-at-top
-  machine = metrics.machine_line()
-  load = (f'Load average (1/5/15 min) before the run: {", ".join(f"{x:.2f}" for x in load_before)}'
-          f'; after: {", ".join(f"{x:.2f}" for x in load_after)}. Wall time {wall:.0f} s.')
-  print(f'{text}\nMachine: {machine}\n{load}')
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(f'# Inference latency: weight-space adapters unmerged and merged\n\n'
-              f'Command: `python benchmarks/merge_latency.py {" ".join(sys.argv[1:])}`\n\n'
-              f'Machine: {machine}\n\n{load}\n\n{text}')
+  metrics.report_benchmark('Inference latency: weight-space adapters unmerged and merged',
+                           table(rows, args), load_before, metrics.machine_line(), args.out,
+                           wall_seconds=wall)
 
 
 if __name__ == '__main__':

@@ -289,21 +289,9 @@ def main() -> None:
     results.append(json.loads(lines[-1][len('RESULT '):]))
     print(f'{method}: {results[-1]["img_per_sec"]:.2f} img/s, '
           f'peak RSS {results[-1]["peak_rss_mib"]:.0f} MiB', file=sys.stderr, flush=True)
-  load_after = os.getloadavg()
-
-  table = _table(results, args)
-  machine = _machine()
-  load = (f'Load average (1/5/15 min) before the run: '
-          f'{", ".join(f"{x:.2f}" for x in load_before)}; '
-          f'after: {", ".join(f"{x:.2f}" for x in load_after)}.')
-  print(table)
-  print(f'Machine: {machine}\n{load}')
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(f'# Train step: full fine-tuning vs adapters vs linear probe\n\n'
-              f'Command: `python benchmarks/train_step.py {" ".join(sys.argv[1:])}`\n\n'
-              f'Machine: {machine}\n\n{load}\n\n{table}')
+  from vadapt import metrics  # pylint: disable=g-import-not-at-top
+  metrics.report_benchmark('Train step: full fine-tuning vs adapters vs linear probe',
+                           _table(results, args), load_before, _machine(), args.out)
 
 
 if __name__ == '__main__':

@@ -112,6 +112,26 @@ def machine_line() -> str:
           f'Python {info["python"]}')
 
 
+def report_benchmark(title: str, text: str, load_before, machine: str, out=None,
+                     wall_seconds=None) -> str:
+  """Prints a benchmark's table with the machine and the load average over the run (before /
+  after), and writes it as markdown to `out` with the command that produced it."""
+  fmt = lambda xs: ', '.join(f'{x:.2f}' for x in xs)
+  load = (f'Load average (1/5/15 min) before the run: {fmt(load_before)}; after: '
+          f'{fmt(os.getloadavg())}.' + (f' Wall time {wall_seconds:.0f} s.'
+                                         if wall_seconds is not None else ''))
+  print(f'{text}\n\nMachine: {machine}\n{load}')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # The repository's root.
+  script = os.path.relpath(os.path.abspath(sys.argv[0]), root)
+  page = (f'# {title}\n\nCommand: `python {script} '
+          f'{" ".join(sys.argv[1:])}`\n\nMachine: {machine}\n\n{load}\n\n{text.rstrip()}\n')
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, 'w') as f:
+      f.write(page)
+  return page
+
+
 def peak_memory() -> tuple[int, str]:
   """(bytes, what) of this process's peak memory so far.
 

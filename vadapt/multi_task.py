@@ -1168,12 +1168,22 @@ def predict_manifest_cli(config: Optional[ml_collections.ConfigDict], workdir: O
     raise FileNotFoundError(f'{manifest}: tasks {untrained} are not trained in '
                             f'{adapters_dir(workdir)}: train them first '
                             f'(--mode=train --config.task={untrained[0]}).')
-  if backbone is not None:
-    config = copy.deepcopy(config)
-    with config.unlocked():
-      config.backbone.checkpoint = backbone
-  predictor = MixedPredictor.from_config(config, workdir, names)
-  predictions = predictor.predict(requests, top_k=top_k)
+  predictor = MixedPredictor.from_config(_with_backbone(config, backbone), workdir, names)
+  return _log_predictions(predictor.predict(requests, top_k=top_k))
+
+
+def _with_backbone(config: ml_collections.ConfigDict,
+                   backbone: Optional[str]) -> ml_collections.ConfigDict:
+  """config with --backbone's checkpoint in place of its own (unchanged without one)."""
+  if backbone is None:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.backbone.checkpoint = backbone
+  return config
+
+
+def _log_predictions(predictions: list[predict_lib.Prediction]) -> list[predict_lib.Prediction]:
   for p in predictions:
     metrics_lib.log(predict_lib.format_prediction(p))
   return predictions
@@ -1195,12 +1205,5 @@ def predict_cli(config: Optional[ml_collections.ConfigDict], workdir: Optional[s
                        'adapters are there).')
     name = adapter or config.get('task')
     get_task(plan(config, workdir), name, '--adapter')
-    if backbone is not None:
-      config = copy.deepcopy(config)
-      with config.unlocked():
-        config.backbone.checkpoint = backbone
-    predictor = TaskPredictor.from_config(config, workdir, name)
-  predictions = predictor.predict(items, top_k=top_k)
-  for p in predictions:
-    metrics_lib.log(predict_lib.format_prediction(p))
-  return predictions
+    predictor = TaskPredictor.from_config(_with_backbone(config, backbone), workdir, name)
+  return _log_predictions(predictor.predict(items, top_k=top_k))

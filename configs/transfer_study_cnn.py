@@ -36,7 +36,8 @@ VARIANTS = {'full_head': transfer_study.VARIANTS['full_head']}
 
 # AdamW, cosine, as in the DINOv2 study: the probe and BitFit take large steps, the adapters and
 # LoRA moderate ones, full fine-tuning small ones (full_head's head at 1000x the grid's rate).
-# LoRA and the conv adapters reach 3e-2: at 64 px they chose 1e-2, the top of the first grid.
+# LoRA and the conv adapters reach 3e-2 and full fine-tuning 1e-3: at 64 px they chose the top of
+# their first grids (1e-2, 3e-4).
 LEARNING_RATES = {
     'linear': (3e-3, 1e-2, 3e-2, 1e-1),
     'bitfit': (3e-3, 1e-2, 3e-2),
@@ -44,7 +45,7 @@ LEARNING_RATES = {
     'dora': (1e-3, 3e-3, 1e-2),
     'conv': (1e-3, 3e-3, 1e-2, 3e-2),
     'conv_parallel': (1e-3, 3e-3, 1e-2, 3e-2),
-    'full': (3e-5, 1e-4, 3e-4),
+    'full': (3e-5, 1e-4, 3e-4, 1e-3),
     'full_head': (1e-5, 3e-5, 1e-4),
 }
 

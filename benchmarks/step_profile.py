@@ -45,28 +45,15 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vadapt import api, experiment, losses, partition, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position  (benchmarks/)
 
 NUM_CLASSES = 100
 
 
 def _config(args) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      'backbone': {'model': 'vit', 'variant': args.variant, 'image_size': args.image_size,
-                   'dtype': args.dtype, 'dropout_rate': 0.0, 'remat': False,
-                   'remat_policy': 'nothing',
-                   'overrides': {'patch_size': args.patch_size} if args.patch_size else {}},
-      'adapter': {'method': args.method, 'bottleneck': 64, 'reduction_factor': None,
-                  'layers': None, 'activation': 'relu', 'scale': None, 'learnable_scale': False,
-                  'layer_norm': None, 'dropout': 0.0, 'prompts': 50, 'drop_rate': 0.0,
-                  'drop_schedule': 'constant', 'drop_ramp_steps': 0, 'rank': 8, 'alpha': None,
-                  'modules': None},
-      'train_head': True,
-      'optimizer': {'name': 'adamw', 'learning_rate': 1e-3, 'weight_decay': 1e-4, 'b1': 0.9,
-                    'b2': 0.999, 'momentum': 0.9},
-      'schedule': {'warmup_steps': 10, 'decay': 'cosine', 'end_factor': 0.0},
-      'grad_clip_norm': 1.0,
-      'total_steps': 1000,
-  })
+  return train_step.trainer_config(method=args.method, variant=args.variant,
+                                   image_size=args.image_size, dtype=args.dtype,
+                                   patch_size=args.patch_size)
 
 
 def _phases(args):

@@ -50,7 +50,6 @@ _LAYER_NORM = {'default': None, 'true': True, 'false': False}
 def _worker(args) -> dict:
   import jax
   import jax.numpy as jnp
-  import ml_collections
   import numpy as np
   assert 'tensorflow' not in sys.modules
 
@@ -63,23 +62,10 @@ def _worker(args) -> dict:
     raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat' or "
                      "'remat_dots'.")
 
-  # The config is built here rather than from configs/common.py, whose input pipeline pulls in
-  # TensorFlow: its ~0.5 GiB would count in every method's peak RSS.
-  config = ml_collections.ConfigDict({
-      'backbone': _backbone_config(args, option),
-      'adapter': {'method': method, 'bottleneck': args.bottleneck,
-                  'reduction_factor': None, 'layers': None, 'activation': 'relu', 'scale': None,
-                  'learnable_scale': False, 'layer_norm': _LAYER_NORM[args.adapter_layer_norm],
-                  'dropout': 0.0,
-                  'prompts': args.prompts, 'drop_rate': 0.0, 'drop_schedule': 'constant',
-                  'drop_ramp_steps': 0, 'rank': args.rank, 'alpha': None, 'modules': None},
-      'train_head': True,
-      'optimizer': {'name': 'adamw', 'learning_rate': 1e-3, 'weight_decay': 1e-4, 'b1': 0.9,
-                    'b2': 0.999, 'momentum': 0.9},
-      'schedule': {'warmup_steps': 10, 'decay': 'cosine', 'end_factor': 0.0},
-      'grad_clip_norm': 1.0,
-      'total_steps': 1000,
-  })
+  config = trainer_config(
+      method=method, variant=args.variant, image_size=args.image_size, dtype=args.dtype,
+      patch_size=args.patch_size, option=option, bottleneck=args.bottleneck, prompts=args.prompts,
+      rank=args.rank, layer_norm=_LAYER_NORM[args.adapter_layer_norm])
   num_classes = 100
 
   model, backbone = experiment.build_model(config, num_classes)
@@ -180,10 +166,37 @@ def _forward_worker(args, rss_imports: float) -> dict:
 
 
 def _backbone_config(args, option: str = '') -> dict:
-  return {'model': 'vit', 'variant': args.variant, 'image_size': args.image_size,
-          'dtype': args.dtype, 'dropout_rate': 0.0, 'remat': bool(option),
+  return _backbone(args.variant, args.image_size, args.dtype, args.patch_size, option)
+
+
+def _backbone(variant, image_size, dtype, patch_size, option: str = '') -> dict:
+  return {'model': 'vit', 'variant': variant, 'image_size': image_size,
+          'dtype': dtype, 'dropout_rate': 0.0, 'remat': bool(option),
           'remat_policy': 'dots' if option == 'remat_dots' else 'nothing',
-          'overrides': {'patch_size': args.patch_size} if args.patch_size else {}}
+          'overrides': {'patch_size': patch_size} if patch_size else {}}
+
+
+def trainer_config(*, method: str, variant: str, image_size: int, dtype: str, patch_size: int,
+                   option: str = '', bottleneck: int = 64, prompts: int = 50, rank: int = 8,
+                   layer_norm=None):
+  """The trainer's config for one benchmark worker (also benchmarks/step_profile.py's). Built
+  here rather than from configs/common.py, whose input pipeline pulls in TensorFlow: its ~0.5 GiB
+  would count in every method's peak RSS."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict({
+      'backbone': _backbone(variant, image_size, dtype, patch_size, option),
+      'adapter': {'method': method, 'bottleneck': bottleneck, 'reduction_factor': None,
+                  'layers': None, 'activation': 'relu', 'scale': None, 'learnable_scale': False,
+                  'layer_norm': layer_norm, 'dropout': 0.0, 'prompts': prompts, 'drop_rate': 0.0,
+                  'drop_schedule': 'constant', 'drop_ramp_steps': 0, 'rank': rank,
+                  'alpha': None, 'modules': None},
+      'train_head': True,
+      'optimizer': {'name': 'adamw', 'learning_rate': 1e-3, 'weight_decay': 1e-4, 'b1': 0.9,
+                    'b2': 0.999, 'momentum': 0.9},
+      'schedule': {'warmup_steps': 10, 'decay': 'cosine', 'end_factor': 0.0},
+      'grad_clip_norm': 1.0,
+      'total_steps': 1000,
+  })
 
 
 def _machine() -> str:

@@ -33,6 +33,7 @@ def _worker(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import dinov2_fashion_mnist  # pylint: disable=g-import-not-at-top
   from vadapt import train  # pylint: disable=g-import-not-at-top
+  from vadapt.pretrained.common import flatten  # pylint: disable=g-import-not-at-top
   c = dinov2_fashion_mnist.get_config(
       f'method=linear,size={args.size},train={args.train},steps={args.steps}')
   c.input.flip = False
@@ -44,21 +45,12 @@ def _worker(args) -> dict:
   result = train.train_and_evaluate(c, workdir, export=False)
   wall = time.perf_counter() - start
   np.savez(args.delta_out, **{k.replace('/', '.'): np.asarray(v)
-                              for k, v in _flat(result.delta).items()})
+                              for k, v in flatten(result.delta).items()})
   m = result.metrics
   return {'size': args.size, 'cache': args.cache, 'run_seconds': m['train/run_seconds'],
           'compile_seconds': m.get('train/run_compile_seconds', float('nan')),
           'feature_seconds': m.get('train/feature_cache_seconds', 0.0), 'wall_seconds': wall,
           'accuracy': m['eval/accuracy'], 'train_loss': m['train/loss']}
-
-
-def _flat(tree, prefix=''):
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f'{prefix}{k}/'))
-  return out
 
 
 def _run(args, size: int, cache: bool, delta_out: str) -> dict:

@@ -5,15 +5,18 @@ r"""EfficientNet-Lite's depthwise convolutions: shifted multiply-adds against XL
 
 The same EfficientNet-Lite0 params run with `depthwise='shifted'` (vadapt.layers.DepthwiseConv,
 the CPU default) and `depthwise='conv'` (XLA's convolution with feature_group_count = channels):
-the forward pass, the gradient a conv adapter or LoRA needs (with respect to the input, frozen
-weights) and full fine-tuning's gradient (every weight). Everything is jitted and compiled
-first, then timed round-robin (one call of each per round, the median over rounds), so machine
-load hits both implementations alike. The outputs' largest relative difference is reported too.
+the forward pass, the gradient a conv adapter needs (with respect to the input, frozen weights),
+full fine-tuning's gradient (every weight) and LoRA's (rank 8 on every block's expand and project
+conv, the gradient of its factors). A third column runs the shifted sum with autodiff's
+gradient instead of DepthwiseConv's own VJP. Everything is jitted and compiled first, then timed
+round-robin (one call of each per round, the median over rounds), so machine load hits every
+implementation alike. The outputs' largest relative difference is reported too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -38,38 +41,96 @@ def main() -> None:
 
   load_before = os.getloadavg()
   x = jax.random.normal(jax.random.key(0), (args.batch_size, args.image_size, args.image_size, 3))
-  models = {impl: efficientnet.from_variant(args.variant, num_classes=10, depthwise=impl)
-            for impl in ('shifted', 'conv')}
+  impls = {'conv': 'conv', 'autodiff': 'shifted', 'shifted': 'shifted'}
+  models = {impl: efficientnet.from_variant(args.variant, num_classes=10, depthwise=depthwise)
+            for impl, depthwise in impls.items()}
   params = jax.jit(models['conv'].init)(jax.random.key(1), x)
+  lora = _lora_gradient(args, x)
   fns = {}
   for impl, m in models.items():
     loss = lambda p, x, m=m: (m.apply(p, x) ** 2).sum()
-    fns[('forward', impl)] = jax.jit(lambda p, x, m=m: m.apply(p, x))
-    fns[('input gradient (adapters, LoRA)', impl)] = jax.jit(jax.grad(loss, argnums=1))
-    fns[('weight gradient (full fine-tuning)', impl)] = jax.jit(jax.grad(loss))
-  for fn in fns.values():
-    jax.block_until_ready(fn(params, x))
+    passes = {'forward': (jax.jit(lambda p, x, m=m: m.apply(p, x)), (params, x)),
+              'input gradient (adapters)': (jax.jit(jax.grad(loss, argnums=1)), (params, x)),
+              'weight gradient (full fine-tuning)': (jax.jit(jax.grad(loss)), (params, x)),
+              'LoRA factors\' gradient': lora(impls[impl])}
+    with _autodiff_vjp(impl == 'autodiff'):  # Traced (and compiled) here, under the choice.
+      for what, (fn, fn_args) in passes.items():
+        fns[(what, impl)] = (fn.lower(*fn_args).compile(), fn_args)
+  for fn, fn_args in fns.values():
+    jax.block_until_ready(fn(*fn_args))
   times = {k: [] for k in fns}
   for _ in range(args.rounds):
-    for k, fn in fns.items():
+    for k, (fn, fn_args) in fns.items():
       start = time.perf_counter()
-      jax.block_until_ready(fn(params, x))
+      jax.block_until_ready(fn(*fn_args))
       times[k].append(time.perf_counter() - start)
-  out = {k: fns[('forward', k)](params, x) for k in models}
+  out = {k: fns[('forward', k)][0](params, x) for k in ('shifted', 'conv')}
   diff = float(jnp.abs(out['shifted'] - out['conv']).max() / jnp.abs(out['conv']).max())
+  grads = {k: fns[("LoRA factors' gradient", k)] for k in ('shifted', 'autodiff')}
+  grads = {k: jax.tree.leaves(fn(*fn_args)) for k, (fn, fn_args) in grads.items()}
+  grad_diff = (max(float(jnp.abs(a - b).max()) for a, b in zip(grads['shifted'], grads['autodiff']))
+               / max(float(jnp.abs(b).max()) for b in grads['autodiff']))
 
   lines = [f'EfficientNet-{args.variant.capitalize()}, {args.image_size}px, batch '
            f'{args.batch_size}, float32; median of {args.rounds} round-robin rounds.', '',
-           '| pass | XLA grouped conv img/s | shifted multiply-adds img/s | speed-up |',
-           '|---|---:|---:|---:|']
+           '| pass | XLA grouped conv img/s | shifted, autodiff\'s VJP img/s | shifted '
+           '(DepthwiseConv) img/s | speed-up over the grouped conv | over autodiff\'s VJP |',
+           '|---|---:|---:|---:|---:|---:|']
   for what in dict.fromkeys(k for k, _ in fns):
-    conv = args.batch_size / statistics.median(times[(what, 'conv')])
-    shifted = args.batch_size / statistics.median(times[(what, 'shifted')])
-    lines.append(f'| {what} | {conv:.1f} | {shifted:.1f} | {shifted / conv:.2f}x |')
+    ips = {impl: args.batch_size / statistics.median(times[(what, impl)]) for impl in impls}
+    lines.append(f'| {what} | {ips["conv"]:.1f} | {ips["autodiff"]:.1f} | {ips["shifted"]:.1f} '
+                 f'| {ips["shifted"] / ips["conv"]:.2f}x | {ips["shifted"] / ips["autodiff"]:.2f}x |')
   lines += ['', f'Largest logit difference between the two, relative to the largest logit: '
-            f'{diff:.1e}.']
+            f'{diff:.1e}; largest difference between the two VJPs\' LoRA gradients, relative to '
+            f'their largest entry: {grad_diff:.1e}.']
   metrics.report_benchmark('Depthwise convolutions on XLA:CPU', '\n'.join(lines), load_before,
                            metrics.machine_line(), args.out)
+
+
+@contextlib.contextmanager
+def _autodiff_vjp(enabled: bool):
+  """Traces DepthwiseConv with autodiff's gradient of the shifted sum instead of its own VJP."""
+  from vadapt import layers  # pylint: disable=g-import-not-at-top
+  own = layers._depthwise  # pylint: disable=protected-access
+  if enabled:
+    layers._depthwise = layers._shifted_taps  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    layers._depthwise = own  # pylint: disable=protected-access
+
+
+def _lora_gradient(args, x):
+  """depthwise -> (jitted gradient of LoRA's factors on the frozen Lite0, its arguments)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import cnn_adapter  # pylint: disable=g-import-not-at-top
+  from vadapt import api, experiment, partition  # pylint: disable=g-import-not-at-top
+
+  def make(depthwise):
+    c = cnn_adapter.get_config(f'method=lora,variant={args.variant},'
+                               f'image_size={args.image_size}')
+    c.backbone.checkpoint = ''
+    c.backbone.overrides = {'depthwise': depthwise}
+    model, backbone = experiment.build_model(c, 10)
+    sample = x[:1]
+
+    def init(rng):
+      variables = dict(backbone.init(rng, sample, train=False))
+      params = variables.pop('params')
+      return partition.from_variables(
+          api.init_with_pretrained(model, params, rng, sample, backbone_state=variables))
+
+    rng = jax.random.key(1)
+    labels = partition.label_tree(jax.eval_shape(init, rng), experiment.label_rules(c))
+    delta, frozen = jax.jit(lambda r: partition.split(init(r), labels))(rng)
+
+    def loss(delta, frozen, x):
+      variables = partition.to_variables(partition.merge(delta, frozen))
+      return (model.apply(variables, x, train=False) ** 2).sum()
+
+    return jax.jit(jax.grad(loss)), (delta, frozen, x)
+
+  return make
 
 
 if __name__ == '__main__':

@@ -105,10 +105,11 @@ def _shifted_taps(x: jax.Array, kernel: jax.Array, pads: Pads, strides: tuple[in
 # dilated by the stride and padded, correlated with the flipped kernel. Autodiff's transpose of
 # the shifted sum instead pads every tap's gradient to the padded input's size and adds k*k such
 # arrays; where that sum has several consumers (LoRA on the conv before it), XLA:CPU materialises
-# all k*k of them: EfficientNet-Lite0 at 64 px with LoRA on the blocks' convs took 1.2 s a step
-# with autodiff's VJP and 0.55 s with this one (BitFit 0.26 s). XLA still computes this sum once
-# per consumer of dx (it fuses the adds into each; a reduction or an optimization barrier is
-# simplified away before fusion), which is most of what remains of LoRA's extra cost.
+# all k*k of them. EfficientNet-Lite0 at 64 px, batch 32, LoRA on the blocks' convs, on a 2-core
+# AMD EPYC: 1.2 s a training step with autodiff's VJP, 0.55 s with this one (BitFit 0.26 s);
+# benchmarks/depthwise_conv.py measures both ("LoRA factors' gradient"). XLA still computes this
+# sum once per consumer of dx (it fuses the adds into each; a reduction or an optimization barrier
+# is simplified away before fusion), which is most of what remains of LoRA's extra cost.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise(x: jax.Array, kernel: jax.Array, pads: Pads, strides: tuple[int, int]):
   return _shifted_taps(x, kernel, pads, strides)

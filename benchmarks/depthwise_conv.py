@@ -104,7 +104,7 @@ def _lora_gradient(args, x):
   """depthwise -> (jitted gradient of LoRA's factors on the frozen Lite0, its arguments)."""
   import jax  # pylint: disable=g-import-not-at-top
   from configs import cnn_adapter  # pylint: disable=g-import-not-at-top
-  from vadapt import api, experiment, partition  # pylint: disable=g-import-not-at-top
+  from vadapt import experiment, partition  # pylint: disable=g-import-not-at-top
 
   def make(depthwise):
     c = cnn_adapter.get_config(f'method=lora,variant={args.variant},'
@@ -115,10 +115,8 @@ def _lora_gradient(args, x):
     sample = x[:1]
 
     def init(rng):
-      variables = dict(backbone.init(rng, sample, train=False))
-      params = variables.pop('params')
-      return partition.from_variables(
-          api.init_with_pretrained(model, params, rng, sample, backbone_state=variables))
+      backbone_params = partition.from_variables(backbone.init(rng, sample, train=False))
+      return experiment.init_adapted(model, backbone_params, rng, sample)
 
     rng = jax.random.key(1)
     labels = partition.label_tree(jax.eval_shape(init, rng), experiment.label_rules(c))

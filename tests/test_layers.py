@@ -14,7 +14,7 @@ from vadapt.models import efficientnet
 @pytest.mark.parametrize('kernel,stride,padding,size,bias', [
     (3, 1, 'SAME', 17, False), (5, 2, 'SAME', 17, True), (3, 2, 'SAME', 16, False),
     (5, 1, 'VALID', 12, False), (3, 2, ((1, 2), (0, 1)), 15, True), (3, 1, 1, 9, False),
-    (5, 2, ((3, 1), (0, 4)), 10, False)])
+    (5, 2, ((3, 1), (0, 4)), 10, False), (3, 2, ((3, 5), (0, 6)), 7, False)])
 def test_depthwise_conv_equals_the_grouped_conv(kernel, stride, padding, size, bias):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
   kw = dict(features=8, kernel_size=(kernel, kernel), strides=(stride, stride), padding=padding,

@@ -335,7 +335,7 @@ def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Ex
   if model is backbone:
     init_fn = lambda rng, bb: bb
   elif isinstance(model, inject.Adapted):
-    init_fn = lambda rng, bb: _init_adapted(model, bb, rng, images)
+    init_fn = lambda rng, bb: init_adapted(model, bb, rng, images)
   else:  # The backbone plus new modules of its own (CLIP-Adapter): create only what is missing.
     init_fn = lambda rng, bb: model.apply({'params': bb}, images, train=False, rngs={'params': rng},
                                           mutable=['params'])[1]['params']
@@ -394,7 +394,7 @@ def setup(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> Ex
                      param_table=table, counts=counts)
 
 
-def _init_adapted(model: inject.Adapted, backbone_params, rng, images):
+def init_adapted(model: inject.Adapted, backbone_params, rng, images):
   """New adapters on the pre-trained backbone; BatchNorm statistics (if any) pass through."""
   variables = partition.to_variables(backbone_params)
   state = {c: v for c, v in variables.items() if c != 'params'}

@@ -48,8 +48,8 @@ class DepthwiseConv(nn.Conv):
   element-wise work on shifted views is what every backend runs fast. The sum runs over the
   kernel taps in a fixed order, so the result equals the convolution up to float rounding (not
   bit for bit). Its gradient is its own (a custom VJP: reverse mode only), the same shifted sum
-  over the output gradient, which makes LoRA on the preceding conv 2x faster than autodiff's. With
-  other settings (a clone with feature_group_count=1, dilation, circular padding) it is nn.Conv.
+  over the output gradient, which makes LoRA on the preceding conv faster than autodiff's would
+  (benchmarks/results/depthwise_conv_cpu.md). With other settings (a clone with feature_group_count=1, dilation, circular padding) it is nn.Conv.
   """
 
   @nn.compact
@@ -84,19 +84,23 @@ class DepthwiseConv(nn.Conv):
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
+def _tap(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int], strides: tuple[int, int]):
+  """The (i, j)-shifted, strided out_hw view of the padded input xp."""
+  return jax.lax.slice(xp, (0, i, j, 0),
+                       (xp.shape[0], i + (out_hw[0] - 1) * strides[0] + 1,
+                        j + (out_hw[1] - 1) * strides[1] + 1, xp.shape[3]),
+                       (1, strides[0], strides[1], 1))
+
+
 def _shifted_taps(x: jax.Array, kernel: jax.Array, pads: Pads, strides: tuple[int, int]):
   """sum_ij kernel[i, j] * (x padded, shifted by (i, j), strided): a depthwise convolution."""
   ks = kernel.shape[:2]
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-  out_h = (xp.shape[1] - ks[0]) // strides[0] + 1
-  out_w = (xp.shape[2] - ks[1]) // strides[1] + 1
+  out_hw = tuple((xp.shape[1 + a] - ks[a]) // strides[a] + 1 for a in range(2))
   y = None
   for i in range(ks[0]):
     for j in range(ks[1]):
-      tap = jax.lax.slice(xp, (0, i, j, 0),
-                          (xp.shape[0], i + (out_h - 1) * strides[0] + 1,
-                           j + (out_w - 1) * strides[1] + 1, xp.shape[3]),
-                          (1, strides[0], strides[1], 1)) * kernel[i, j, 0]
+      tap = _tap(xp, i, j, out_hw, strides) * kernel[i, j, 0]
       y = tap if y is None else y + tap
   return y
 
@@ -105,11 +109,10 @@ def _shifted_taps(x: jax.Array, kernel: jax.Array, pads: Pads, strides: tuple[in
 # dilated by the stride and padded, correlated with the flipped kernel. Autodiff's transpose of
 # the shifted sum instead pads every tap's gradient to the padded input's size and adds k*k such
 # arrays; where that sum has several consumers (LoRA on the conv before it), XLA:CPU materialises
-# all k*k of them. EfficientNet-Lite0 at 64 px, batch 32, LoRA on the blocks' convs, on a 2-core
-# AMD EPYC: 1.2 s a training step with autodiff's VJP, 0.55 s with this one (BitFit 0.26 s);
-# benchmarks/depthwise_conv.py measures both ("LoRA factors' gradient"). XLA still computes this
-# sum once per consumer of dx (it fuses the adds into each; a reduction or an optimization barrier
-# is simplified away before fusion), which is most of what remains of LoRA's extra cost.
+# all k*k of them (benchmarks/results/depthwise_conv_cpu.md, "LoRA factors' gradient"). XLA still
+# computes this sum once per consumer of dx (it fuses the adds into each; a reduction or an
+# optimization barrier is simplified away before fusion), which is most of what remains of
+# LoRA's extra cost over BitFit's.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise(x: jax.Array, kernel: jax.Array, pads: Pads, strides: tuple[int, int]):
   return _shifted_taps(x, kernel, pads, strides)
@@ -122,29 +125,20 @@ def _depthwise_fwd(x, kernel, pads, strides):
 def _depthwise_bwd(pads, strides, residuals, g):
   x, kernel = residuals
   ks = kernel.shape[:2]
-  padded = [x.shape[1 + a] + pads[a][0] + pads[a][1] for a in range(2)]
+  # dx[q] = sum_i g_dilated[q + lo - i] * kernel[i]: g dilated by the stride, padded by k-1 - lo
+  # in front (negative pads crop) and to x's length + k-1 in all, then the stride-1 shifted sum
+  # with the flipped kernel.
   dilated = [(g.shape[1 + a] - 1) * strides[a] + 1 for a in range(2)]
-  # gp[k-1 + o*s] = g[o]; zeros elsewhere, long enough for every tap's window over x's rows.
   gp = jax.lax.pad(g, jnp.zeros((), g.dtype),
                    ((0, 0, 0),
-                    *((ks[a] - 1, padded[a] - dilated[a], strides[a] - 1) for a in range(2)),
+                    *((ks[a] - 1 - pads[a][0], pads[a][0] + x.shape[1 + a] - dilated[a],
+                       strides[a] - 1) for a in range(2)),
                     (0, 0, 0)))
-  dx = None
-  for i in range(ks[0]):
-    for j in range(ks[1]):
-      start = (pads[0][0] + ks[0] - 1 - i, pads[1][0] + ks[1] - 1 - j)
-      tap = jax.lax.slice(gp, (0, *start, 0),
-                          (gp.shape[0], start[0] + x.shape[1], start[1] + x.shape[2],
-                           gp.shape[3])) * kernel[i, j, 0]
-      dx = tap if dx is None else dx + tap
+  dx = _shifted_taps(gp, kernel[::-1, ::-1], ((0, 0), (0, 0)), (1, 1))
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   dkernel = jnp.stack([
-      jnp.stack([
-          jnp.sum(jax.lax.slice(xp, (0, i, j, 0),
-                                (xp.shape[0], i + (g.shape[1] - 1) * strides[0] + 1,
-                                 j + (g.shape[2] - 1) * strides[1] + 1, xp.shape[3]),
-                                (1, strides[0], strides[1], 1)) * g, axis=(0, 1, 2))
-          for j in range(ks[1])])
+      jnp.stack([jnp.sum(_tap(xp, i, j, g.shape[1:3], strides) * g, axis=(0, 1, 2))
+                 for j in range(ks[1])])
       for i in range(ks[0])])[:, :, None, :]
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 

@@ -1,6 +1,6 @@
 r"""EfficientNet-Lite's depthwise convolutions: shifted multiply-adds against XLA's grouped conv.
 
-  python benchmarks/depthwise_conv.py --out=benchmarks/results/depthwise_conv_cpu.md
+  python benchmarks/depthwise_conv.py --out=benchmarks/results/depthwise_conv_cpu_amd.md
   python benchmarks/depthwise_conv.py --image_size=32 --rounds=2      # a smoke run
 
 The same EfficientNet-Lite0 params run with `depthwise='shifted'` (vadapt.layers.DepthwiseConv,

@@ -44,12 +44,13 @@ class DepthwiseConv(nn.Conv):
   same `kernel` (k, k, 1, C) and optional `bias`, 'SAME'/'VALID'/explicit padding, so checkpoints,
   label rules and adapters that read a conv's attributes see no difference. XLA:CPU lowers a
   grouped convolution with one channel per group to a slow generic loop (EfficientNet-Lite0 at
-  64 px runs 3.8-6.9x faster with this layer: benchmarks/results/depthwise_conv_cpu.md);
-  element-wise work on shifted views is what every backend runs fast. The sum runs over the
-  kernel taps in a fixed order, so the result equals the convolution up to float rounding (not
-  bit for bit). Its gradient is its own (a custom VJP: reverse mode only), the same shifted sum
-  over the output gradient, which makes LoRA on the preceding conv faster than autodiff's would
-  (benchmarks/results/depthwise_conv_cpu.md). With other settings (a clone with feature_group_count=1, dilation, circular padding) it is nn.Conv.
+  64 px runs 3.6-8.0x faster with this layer: benchmarks/results/depthwise_conv_cpu.md (Xeon),
+  depthwise_conv_cpu_amd.md (AMD)); element-wise work on shifted views is what every backend runs
+  fast. The sum runs over the kernel taps in a fixed order, so the result equals the convolution
+  up to float rounding (not bit for bit). Its gradient is its own (a custom VJP: reverse mode
+  only), the same shifted sum over the output gradient: LoRA on the preceding conv gets its
+  gradient 2.05x faster than through autodiff's transpose (depthwise_conv_cpu_amd.md). With
+  other settings (a clone with feature_group_count=1, dilation, circular padding) it is nn.Conv.
   """
 
   @nn.compact
@@ -109,7 +110,7 @@ def _shifted_taps(x: jax.Array, kernel: jax.Array, pads: Pads, strides: tuple[in
 # dilated by the stride and padded, correlated with the flipped kernel. Autodiff's transpose of
 # the shifted sum instead pads every tap's gradient to the padded input's size and adds k*k such
 # arrays; where that sum has several consumers (LoRA on the conv before it), XLA:CPU materialises
-# all k*k of them (benchmarks/results/depthwise_conv_cpu.md, "LoRA factors' gradient"). XLA still
+# all k*k of them (benchmarks/results/depthwise_conv_cpu_amd.md, "LoRA factors' gradient"). XLA still
 # computes this sum once per consumer of dx (it fuses the adds into each; a reduction or an
 # optimization barrier is simplified away before fusion), which is most of what remains of
 # LoRA's extra cost over BitFit's.

@@ -110,9 +110,9 @@ def _shifted_taps(x: jax.Array, kernel: jax.Array, pads: Pads, strides: tuple[in
 # dilated by the stride and padded, correlated with the flipped kernel. Autodiff's transpose of
 # the shifted sum instead pads every tap's gradient to the padded input's size and adds k*k such
 # arrays; where that sum has several consumers (LoRA on the conv before it), XLA:CPU materialises
-# all k*k of them (benchmarks/results/depthwise_conv_cpu_amd.md, "LoRA factors' gradient"). XLA still
-# computes this sum once per consumer of dx (it fuses the adds into each; a reduction or an
-# optimization barrier is simplified away before fusion), which is most of what remains of
+# all k*k of them (benchmarks/results/depthwise_conv_cpu_amd.md, "LoRA factors' gradient").
+# XLA still computes this sum once per consumer of dx (it fuses the adds into each; a reduction
+# or an optimization barrier is simplified away before fusion), which is most of what remains of
 # LoRA's extra cost over BitFit's.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise(x: jax.Array, kernel: jax.Array, pads: Pads, strides: tuple[int, int]):

@@ -13,7 +13,7 @@ fine-tuning with the head at 1000x the rate). BatchNorm statistics stay frozen, 
 configs/cnn_adapter.py; adapters are block width // 8 wide.
 
 The default: 64x64 input (the 28x28 images upsampled; at 64 px Lite0's last stage is already a
-2x2 map) and 100 steps of batch 32 with 20 warm-up steps, as in the DINOv2 study; 67 runs, the 42
+2x2 map) and 100 steps of batch 32 with 20 warm-up steps, as in the DINOv2 study; 74 runs, the 42
 final and sweep runs each evaluating all 10,000 test images. With XLA's grouped convolutions (before
 vadapt.layers.DepthwiseConv, 4-7x faster on Lite0) one conv-adapter run took about 5 min on a
 shared 2-core Xeon (22 img/s training, about 60 img/s evaluating): hours for the study.
@@ -36,17 +36,17 @@ VARIANTS = {'full_head': transfer_study.VARIANTS['full_head']}
 
 # AdamW, cosine, as in the DINOv2 study: the probe and BitFit take large steps, the adapters and
 # LoRA moderate ones, full fine-tuning small ones (full_head's head at 1000x the grid's rate).
-# LoRA and the conv adapters reach 3e-2 and full fine-tuning 1e-3: at 64 px they chose the top of
-# their first grids (1e-2, 3e-4).
+# LoRA, DoRA and the conv adapters reach 3e-2, full fine-tuning 1e-3 and full_head 1e-3: at 64 px
+# they chose the top of their first grids (1e-2, 3e-4; DoRA 1e-2, full_head 1e-4).
 LEARNING_RATES = {
     'linear': (3e-3, 1e-2, 3e-2, 1e-1),
     'bitfit': (3e-3, 1e-2, 3e-2),
     'lora': (1e-3, 3e-3, 1e-2, 3e-2),
-    'dora': (1e-3, 3e-3, 1e-2),
+    'dora': (1e-3, 3e-3, 1e-2, 3e-2),
     'conv': (1e-3, 3e-3, 1e-2, 3e-2),
     'conv_parallel': (1e-3, 3e-3, 1e-2, 3e-2),
     'full': (3e-5, 1e-4, 3e-4, 1e-3),
-    'full_head': (1e-5, 3e-5, 1e-4),
+    'full_head': (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
 }
 
 

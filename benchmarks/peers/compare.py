@@ -13,6 +13,11 @@ rounds of each process's median step time. Same model shapes, batch, bottleneck 
 AdamW with global-norm clipping, 2 threads on both sides. The machine's matmul limit is measured
 first in both environments (benchmarks/peers/matmul.py). Writes <out>.md, <out>.json and, where
 matplotlib is installed, <out>.png.
+
+`--vadapt_flags=NAME:FLAGS` (repeatable) adds a vadapt side that runs with FLAGS appended to
+XLA_FLAGS, interleaved with the others in every round: an A/B of XLA:CPU options on the same
+machine and in the same run, e.g.
+  --vadapt_flags=individual_dot:--xla_cpu_experimental_ynn_fusion_type=individual_dot
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def cpu_description() -> str:
   return f'{m["cpu"]}; {m["cores"]} cores; SIMD flags: {", ".join(m["flags"]) or "none listed"}'
 
 
-def summarise(results: list[dict]) -> list[dict]:
+def summarise(results: list[dict], extra_sides: tuple[str, ...] = ()) -> list[dict]:
   """One row per (suite, mode): medians over rounds of each side's img/s and peak RSS."""
   rows = []
   keys = sorted({(r['suite'], r['mode']) for r in results},
@@ -91,35 +96,52 @@ def summarise(results: list[dict]) -> list[dict]:
     if 'vadapt_img_per_sec' in row and 'peer_img_per_sec' in row:
       row['speed_ratio'] = row['vadapt_img_per_sec'] / row['peer_img_per_sec']
       row['rss_ratio'] = row['vadapt_rss_mib'] / row['peer_rss_mib']
+    for side in extra_sides:
+      ok = [r['img_per_sec'] for r in results
+            if (r['suite'], r['mode'], r['side']) == (suite, mode, side) and 'error' not in r]
+      if ok and 'vadapt_img_per_sec' in row:
+        row[f'{side}_img_per_sec'] = statistics.median(ok)
+        row[f'{side}_vs_vadapt'] = row[f'{side}_img_per_sec'] / row['vadapt_img_per_sec']
     rows.append(row)
   return rows
 
 
-def markdown(rows: list[dict], matmul: dict, header: str) -> str:
+def markdown(rows: list[dict], matmul: dict, header: str,
+             extra_sides: tuple[str, ...] = ()) -> str:
   lines = [header, '',
            '| suite | mode | PyTorch peer img/s | vadapt img/s | speed ratio | peer RSS MiB | '
            'vadapt RSS MiB | RSS ratio | trainable (vadapt / peer) |',
            '|---|---|---:|---:|---:|---:|---:|---:|---:|']
   fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else 'n/a'
+  times = lambda v: f'{v:.2f}x' if isinstance(v, (int, float)) else 'n/a'
   for r in rows:
     lines.append(
         f'| {r["suite"]} | {r["mode"]} | {fmt(r.get("peer_img_per_sec"), ".2f")} | '
-        f'{fmt(r.get("vadapt_img_per_sec"), ".2f")} | {fmt(r.get("speed_ratio"), ".2f")}x | '
+        f'{fmt(r.get("vadapt_img_per_sec"), ".2f")} | {times(r.get("speed_ratio"))} | '
         f'{fmt(r.get("peer_rss_mib"), ".0f")} | {fmt(r.get("vadapt_rss_mib"), ".0f")} | '
-        f'{fmt(r.get("rss_ratio"), ".2f")}x | {fmt(r.get("vadapt_trainable"), ",")} / '
+        f'{times(r.get("rss_ratio"))} | {fmt(r.get("vadapt_trainable"), ",")} / '
         f'{fmt(r.get("peer_trainable"), ",")} |')
   errors = [(r['suite'], r['mode'], side, r[f'{side}_error']) for r in rows
             for side in ('vadapt', 'peer') if f'{side}_error' in r]
   if errors:
     lines += ['', 'Not measured:', '']
     lines += [f'- {s} {m} ({side}): {e}' for s, m, side, e in errors]
+  if extra_sides:
+    lines += ['', 'vadapt with extra XLA flags, same rounds (img/s, and the ratio to vadapt '
+              'as above):', '', '| suite | mode | ' + ' | '.join(
+                  f'{s} img/s | {s} / vadapt' for s in extra_sides) + ' |',
+              '|---|---|' + '---:|---:|' * len(extra_sides)]
+    for r in rows:
+      lines.append(f'| {r["suite"]} | {r["mode"]} | ' + ' | '.join(
+          f'{fmt(r.get(f"{s}_img_per_sec"), ".2f")} | {times(r.get(f"{s}_vs_vadapt"))}'
+          for s in extra_sides) + ' |')
   if matmul:
     lines += ['', f'Matmul limit at {matmul.get("shape")} (GFLOP/s, 2 threads): ' + ', '.join(
         f'{k} {v:.0f}' for k, v in matmul.items() if isinstance(v, float)) + '.']
   return '\n'.join(lines) + '\n'
 
 
-def plot(rows: list[dict], path: str) -> bool:
+def plot(rows: list[dict], path: str, extra_sides: tuple[str, ...] = ()) -> bool:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use('Agg')
@@ -131,11 +153,19 @@ def plot(rows: list[dict], path: str) -> bool:
     return False
   fig, ax = plt.subplots(figsize=(8, 4))
   labels = [f'{r["suite"]}\n{r["mode"]}' for r in rows]
-  ax.bar(range(len(rows)), [r['speed_ratio'] for r in rows], color='tab:blue')
+  sides = ('vadapt', *extra_sides)
+  width = 0.8 / len(sides)
+  for i, side in enumerate(sides):
+    ratios = [r['speed_ratio'] * r.get(f'{side}_vs_vadapt', float('nan') if i else 1.0)
+              for r in rows]
+    ax.bar([x + (i - (len(sides) - 1) / 2) * width for x in range(len(rows))], ratios, width,
+           label=side)
   ax.axhline(1.0, color='black', lw=0.8)
   ax.set_xticks(range(len(rows)), labels, fontsize=7)
   ax.set_ylabel('vadapt img/s / PyTorch peer img/s')
   ax.set_title('vadapt vs PyTorch (transformers + adapters / peft), same CPU')
+  if extra_sides:
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   return True
@@ -149,9 +179,17 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
   parser.add_argument('--out', default=None, help='Writes <out>.md, <out>.json, <out>.png.')
+  parser.add_argument('--vadapt_flags', action='append', default=[], metavar='NAME:FLAGS',
+                      help='An extra vadapt side run with FLAGS added to XLA_FLAGS.')
   args = parser.parse_args()
   if not os.path.exists(PEER_PYTHON):
     sys.exit(f'error: {PEER_PYTHON} not found: run bash benchmarks/peers/setup.sh first.')
+  extra = {}
+  for item in args.vadapt_flags:
+    name, sep, flags = item.partition(':')
+    if not sep or not name or not flags.strip() or name in ('vadapt', 'peer', *extra):
+      sys.exit(f'error: --vadapt_flags expects NAME:FLAGS with a new NAME, got {item!r}.')
+    extra[name] = flags.strip()
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {MEMORY_SCHEDULER_FLAG}'.strip()
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
@@ -162,11 +200,13 @@ def main() -> None:
   for rnd in range(args.rounds):
     for suite in args.suites.split(','):
       for mode in args.modes.split(','):
-        sides = [('vadapt', _vadapt_cmd), ('peer', _peer_cmd)]
+        sides = [('vadapt', _vadapt_cmd, env), ('peer', _peer_cmd, env)]
+        sides += [(name, _vadapt_cmd, {**env, 'XLA_FLAGS': f'{env["XLA_FLAGS"]} {flags}'})
+                  for name, flags in extra.items()]
         if rnd % 2:
           sides.reverse()
-        for side, make_cmd in sides:
-          r = _result(make_cmd(suite, mode, args), env)
+        for side, make_cmd, side_env in sides:
+          r = _result(make_cmd(suite, mode, args), side_env)
           r.update(side=side, suite=suite, mode=mode, round=rnd)
           results.append(r)
           print(f'round {rnd} {suite} {mode} {side}: '
@@ -174,22 +214,25 @@ def main() -> None:
                    f'{r["img_per_sec"]:.2f} img/s, peak RSS {r["peak_rss_mib"]:.0f} MiB'),
                 file=sys.stderr, flush=True)
   load_after = os.getloadavg()
-  rows = summarise(results)
+  rows = summarise(results, tuple(extra))
   header = (f'{args.dtype}, median over {args.rounds} round(s) of each process\'s median of '
             f'{args.steps} steps; bottleneck 64, 100 classes, 2 threads.\n\n'
             f'Machine: {cpu_description()}.\n\nLoad average before: '
             f'{", ".join(f"{x:.2f}" for x in load_before)}; after: '
             f'{", ".join(f"{x:.2f}" for x in load_after)}.')
-  table = markdown(rows, matmul, header)
+  if extra:
+    header += '\n\nExtra vadapt sides: ' + '; '.join(f'{n}: `{f}`' for n, f in extra.items()) + '.'
+  table = markdown(rows, matmul, header, tuple(extra))
   print(table)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + '.md', 'w') as f:
       f.write('# vadapt vs PyTorch peers (transformers + AdapterHub adapters / peft)\n\n'
-              f'Command: `python benchmarks/peers/compare.py --out={args.out}`\n\n' + table)
+              f'Command: `python benchmarks/peers/compare.py {" ".join(sys.argv[1:])}`\n\n' + table)
     with open(args.out + '.json', 'w') as f:
-      json.dump({'matmul': matmul, 'results': results, 'rows': rows}, f, indent=1)
-    plot(rows, args.out + '.png')
+      json.dump({'matmul': matmul, 'results': results, 'rows': rows, 'extra_sides': extra}, f,
+                indent=1)
+    plot(rows, args.out + '.png', tuple(extra))
 
 
 if __name__ == '__main__':

@@ -53,7 +53,7 @@ def _worker(args) -> dict:
   import numpy as np
   assert 'tensorflow' not in sys.modules
 
-  from vadapt import api, experiment, partition, train  # pylint: disable=g-import-not-at-top
+  from vadapt import api, experiment, host_memory, partition, train
   rss_imports = _rss_mib()
   method, _, option = args.method.partition('+')
   if method == 'forward':
@@ -97,6 +97,7 @@ def _worker(args) -> dict:
   compiled = step_fn.lower(delta, opt_state, frozen, batch, 0).compile()
   compile_s = time.perf_counter() - start
   rss_after_compile = _rss_mib()  # The compiler's own peak lands here, before any step runs.
+  host_memory.release()  # As the trainer does between compiling and the first step.
   # XLA's own plan for one step: buffers live during the step (activations, grads, updates)
   # plus the arguments it reads (frozen backbone, delta, optimizer state).
   mem = compiled.memory_analysis()

@@ -51,6 +51,7 @@ from vadapt import checkpoint as ckpt_lib
 from vadapt import evaluate as evaluate_lib
 from vadapt import experiment
 from vadapt import feature_cache
+from vadapt import host_memory
 from vadapt import inject
 from vadapt import losses
 from vadapt import metrics as metrics_lib
@@ -346,6 +347,11 @@ def train_experiment(exp: Experiment, workdir: str, *, export: bool = True) -> T
   try:
     for step in range(start_step + 1, c.total_steps + 1):
       batch = next(train_iter)
+      if step == start_step + 1:
+        # Compiled ahead of the first step, so the compiler's freed memory goes back to the OS
+        # before the step's buffers are allocated (vadapt.host_memory): a lower peak RSS on CPU.
+        train_step = train_step.lower(delta, opt_state, exp.frozen, batch, step - 1).compile()
+        host_memory.release()
       delta, opt_state, m = train_step(delta, opt_state, exp.frozen, batch, step - 1)
       if step == start_step + 1:  # Compilation: timed apart, so no interval's rate includes it.
         jax.block_until_ready(m)

@@ -54,3 +54,23 @@ def test_efficientnet_depthwise_implementations_agree():
                              atol=1e-5 * float(jnp.abs(want).max()))
   with pytest.raises(ValueError, match="depthwise='fast': expected 'shifted', 'conv' or None"):
     efficientnet.EfficientNetLite(**tiny, depthwise='fast').init(jax.random.key(1), x)
+
+
+def test_depthwise_gradient_runs_once_behind_a_conditional_on_cpu():
+  """On CPU the VJP wraps its gradients in a conditional (so XLA stores them instead of fusing
+  them into every consumer); the gradients are bit for bit those computed directly."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 4))
+  pads, strides = ((1, 1), (1, 1)), (2, 2)
+  g = jax.random.normal(jax.random.key(2), (2, 5, 5, 4))
+
+  def via_vjp(x, kernel, g):
+    _, vjp = jax.vjp(lambda x, k: layers._depthwise(x, k, pads, strides), x, kernel)
+    return vjp(g)
+
+  direct = jax.jit(lambda x, k, g: layers._depthwise_grads(pads, strides, (x, k), g))
+  got, want = jax.jit(via_vjp)(x, kernel, g), direct(x, kernel, g)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  has_cond = 'cond' in str(jax.make_jaxpr(via_vjp)(x, kernel, g))
+  assert has_cond == (jax.default_backend() == 'cpu')

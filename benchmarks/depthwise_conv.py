@@ -8,9 +8,11 @@ the CPU default) and `depthwise='conv'` (XLA's convolution with feature_group_co
 the forward pass, the gradient a conv adapter needs (with respect to the input, frozen weights),
 full fine-tuning's gradient (every weight) and LoRA's (rank 8 on every block's expand and project
 conv, the gradient of its factors). A third column runs the shifted sum with autodiff's
-gradient instead of DepthwiseConv's own VJP. Everything is jitted and compiled first, then timed
-round-robin (one call of each per round, the median over rounds), so machine load hits every
-implementation alike. The outputs' largest relative difference is reported too.
+gradient instead of DepthwiseConv's own VJP, a fourth the own VJP without the conditional that
+keeps XLA:CPU from fusing the gradients into each of their consumers. Everything is jitted and
+compiled first, then timed round-robin (one call of each per round, the median over rounds), so
+machine load hits every implementation alike. The outputs' largest relative difference is
+reported too.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def main() -> None:
 
   load_before = os.getloadavg()
   x = jax.random.normal(jax.random.key(0), (args.batch_size, args.image_size, args.image_size, 3))
-  impls = {'conv': 'conv', 'autodiff': 'shifted', 'shifted': 'shifted'}
+  impls = {'conv': 'conv', 'autodiff': 'shifted', 'fused': 'shifted', 'shifted': 'shifted'}
   models = {impl: efficientnet.from_variant(args.variant, num_classes=10, depthwise=depthwise)
             for impl, depthwise in impls.items()}
   params = jax.jit(models['conv'].init)(jax.random.key(1), x)
@@ -53,7 +55,8 @@ def main() -> None:
               'input gradient (adapters)': (jax.jit(jax.grad(loss, argnums=1)), (params, x)),
               'weight gradient (full fine-tuning)': (jax.jit(jax.grad(loss)), (params, x)),
               'LoRA factors\' gradient': lora(impls[impl])}
-    with _autodiff_vjp(impl == 'autodiff'):  # Traced (and compiled) here, under the choice.
+    # Traced (and compiled) here, under the choice.
+    with _autodiff_vjp(impl == 'autodiff'), _unconditional_vjp(impl == 'fused'):
       for what, (fn, fn_args) in passes.items():
         fns[(what, impl)] = (fn.lower(*fn_args).compile(), fn_args)
   for fn, fn_args in fns.values():
@@ -66,23 +69,28 @@ def main() -> None:
       times[k].append(time.perf_counter() - start)
   out = {k: fns[('forward', k)][0](params, x) for k in ('shifted', 'conv')}
   diff = float(jnp.abs(out['shifted'] - out['conv']).max() / jnp.abs(out['conv']).max())
-  grads = {k: fns[("LoRA factors' gradient", k)] for k in ('shifted', 'autodiff')}
+  grads = {k: fns[("LoRA factors' gradient", k)] for k in ('shifted', 'autodiff', 'fused')}
   grads = {k: jax.tree.leaves(fn(*fn_args)) for k, (fn, fn_args) in grads.items()}
+  identical = all(bool((a == b).all()) for a, b in zip(grads['shifted'], grads['fused']))
   grad_diff = (max(float(jnp.abs(a - b).max()) for a, b in zip(grads['shifted'], grads['autodiff']))
                / max(float(jnp.abs(b).max()) for b in grads['autodiff']))
 
   lines = [f'EfficientNet-{args.variant.capitalize()}, {args.image_size}px, batch '
            f'{args.batch_size}, float32; median of {args.rounds} round-robin rounds.', '',
-           '| pass | XLA grouped conv img/s | shifted, autodiff\'s VJP img/s | shifted '
-           '(DepthwiseConv) img/s | speed-up over the grouped conv | over autodiff\'s VJP |',
-           '|---|---:|---:|---:|---:|---:|']
+           '| pass | XLA grouped conv img/s | shifted, autodiff\'s VJP img/s | own VJP, no '
+           'conditional img/s | shifted (DepthwiseConv) img/s | speed-up over the grouped conv | '
+           'over autodiff\'s VJP | over no conditional |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
   for what in dict.fromkeys(k for k, _ in fns):
     ips = {impl: args.batch_size / statistics.median(times[(what, impl)]) for impl in impls}
-    lines.append(f'| {what} | {ips["conv"]:.1f} | {ips["autodiff"]:.1f} | {ips["shifted"]:.1f} '
-                 f'| {ips["shifted"] / ips["conv"]:.2f}x | {ips["shifted"] / ips["autodiff"]:.2f}x |')
+    lines.append(f'| {what} | {ips["conv"]:.1f} | {ips["autodiff"]:.1f} | {ips["fused"]:.1f} | '
+                 f'{ips["shifted"]:.1f} | {ips["shifted"] / ips["conv"]:.2f}x | '
+                 f'{ips["shifted"] / ips["autodiff"]:.2f}x | '
+                 f'{ips["shifted"] / ips["fused"]:.2f}x |')
   lines += ['', f'Largest logit difference between the two, relative to the largest logit: '
             f'{diff:.1e}; largest difference between the two VJPs\' LoRA gradients, relative to '
-            f'their largest entry: {grad_diff:.1e}.']
+            f'their largest entry: {grad_diff:.1e}. With and without the conditional the LoRA '
+            f'gradients are {"bit for bit the same" if identical else "NOT bit-identical"}.']
   metrics.report_benchmark('Depthwise convolutions on XLA:CPU', '\n'.join(lines), load_before,
                            metrics.machine_line(), args.out)
 
@@ -98,6 +106,22 @@ def _autodiff_vjp(enabled: bool):
     yield
   finally:
     layers._depthwise = own  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def _unconditional_vjp(enabled: bool):
+  """Traces DepthwiseConv with its own gradients called directly, not behind the conditional."""
+  from vadapt import layers  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  if not enabled:
+    yield
+    return
+  layers._depthwise.defvjp(layers._depthwise_fwd, layers._depthwise_grads)
+  try:
+    yield
+  finally:
+    layers._depthwise.defvjp(layers._depthwise_fwd, layers._depthwise_bwd)
+  # pylint: enable=protected-access
 
 
 def _lora_gradient(args, x):

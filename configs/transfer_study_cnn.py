@@ -14,9 +14,11 @@ configs/cnn_adapter.py; adapters are block width // 8 wide.
 
 The default: 64x64 input (the 28x28 images upsampled; at 64 px Lite0's last stage is already a
 2x2 map) and 100 steps of batch 32 with 20 warm-up steps, as in the DINOv2 study; 74 runs, the 42
-final and sweep runs each evaluating all 10,000 test images. With XLA's grouped convolutions (before
-vadapt.layers.DepthwiseConv, 4-7x faster on Lite0) one conv-adapter run took about 5 min on a
-shared 2-core Xeon (22 img/s training, about 60 img/s evaluating): hours for the study.
+final and sweep runs each evaluating all 10,000 test images. On a 2-core AMD EPYC a run takes
+0.5-2.5 min (training 5-50 s of it; loading, compiling and the evaluation the rest): the
+committed study (benchmarks/results/transfer_efficientnet_lite0_fmnist_cpu/) took 140 min of run
+time, part of it on shared cores. That is more than an hour: the fixed cost per run (30-50 s)
+times 74 runs, not the training, dominates; `seeds=2` or fewer grid rates are the levers.
 
 Arguments after ':' (comma separated):
   size=64          backbone.image_size (224 is Lite0's own)

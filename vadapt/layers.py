@@ -44,12 +44,12 @@ class DepthwiseConv(nn.Conv):
   same `kernel` (k, k, 1, C) and optional `bias`, 'SAME'/'VALID'/explicit padding, so checkpoints,
   label rules and adapters that read a conv's attributes see no difference. XLA:CPU lowers a
   grouped convolution with one channel per group to a slow generic loop (EfficientNet-Lite0 at
-  64 px runs 3.6-8.0x faster with this layer: benchmarks/results/depthwise_conv_cpu.md (Xeon),
+  64 px runs 3.6-8.7x faster with this layer: benchmarks/results/depthwise_conv_cpu.md (Xeon),
   depthwise_conv_cpu_amd.md (AMD)); element-wise work on shifted views is what every backend runs
   fast. The sum runs over the kernel taps in a fixed order, so the result equals the convolution
   up to float rounding (not bit for bit). Its gradient is its own (a custom VJP: reverse mode
   only), the same shifted sum over the output gradient: LoRA on the preceding conv gets its
-  gradient 2.05x faster than through autodiff's transpose (depthwise_conv_cpu_amd.md). With
+  gradient 2.9x faster than through autodiff's transpose (depthwise_conv_cpu_amd.md). With
   other settings (a clone with feature_group_count=1, dilation, circular padding) it is nn.Conv.
   """
 
@@ -131,10 +131,10 @@ def _depthwise_bwd(pads, strides, residuals, g):
   # computation: XLA does not fuse across a conditional, so dx and dkernel are computed once and
   # stored instead of being recomputed inside each consumer (the conv before, LoRA's factors,
   # BatchNorm's backward). Whichever branch runs, the result is the same, bit for bit. On
-  # EfficientNet-Lite0 (64 px, batch 32) it takes 20-28% off the CPU time of LoRA's and of full
-  # fine-tuning's gradient and leaves the adapters' input gradient as it was
-  # (benchmarks/depthwise_conv.py). Elsewhere a conditional would wait for its predicate on the
-  # host, so other backends call the gradients directly.
+  # EfficientNet-Lite0 (64 px, batch 32) LoRA's gradient runs 1.35x faster for it; full
+  # fine-tuning's and the adapters' input gradient change within that run's noise
+  # (benchmarks/results/depthwise_conv_cpu_amd.md). Elsewhere a conditional would wait for its
+  # predicate on the host, so other backends call the gradients directly.
   return jax.lax.cond(jnp.isfinite(g[0, 0, 0, 0]), grads, grads, g)
 
 

@@ -157,7 +157,7 @@ class EfficientNetLite(nn.Module):
     bn_momentum: BatchNorm running-average momentum.
     bn_epsilon: BatchNorm epsilon (1e-3 in the TF-trained checkpoints).
     depthwise: how the depthwise convolutions run: 'shifted' (vadapt.layers.DepthwiseConv, k*k
-      shifted multiply-adds: 3.8-6.9x faster on XLA:CPU for Lite0 at 64 px), 'conv' (XLA's
+      shifted multiply-adds: 3.6-8.7x faster on XLA:CPU for Lite0 at 64 px), 'conv' (XLA's
       grouped convolution) or None, 'shifted' on CPU and 'conv' on accelerators. The same params
       and, up to float rounding, the same outputs.
     dtype: compute dtype.

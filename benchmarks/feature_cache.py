@@ -1,15 +1,19 @@
-r"""A linear probe on DINOv2 ViT-S/14 + Fashion-MNIST with and without config.cache_features.
+r"""DINOv2 ViT-S/14 + Fashion-MNIST with and without config.cache_features.
 
   python -m vadapt.artifacts          # once: the ONNX backbone and the idx files
   python benchmarks/feature_cache.py --out=benchmarks/results/feature_cache_cpu.md
+  python benchmarks/feature_cache.py --method=pfeiffer --layers=8,9,10,11 \
+      --out=benchmarks/results/feature_cache_top_blocks_cpu.md   # adapters on the top 4 blocks
   python benchmarks/feature_cache.py --sizes=28 --train=64 --steps=4   # a smoke run
 
-Each (image size, cache on/off) pair trains configs/dinov2_fashion_mnist.py:method=linear with
+A linear probe caches the head's input; adapters on the top blocks only (--layers) cache the
+tokens entering the lowest adapted block. Each (image size, cache on/off) pair trains
+configs/dinov2_fashion_mnist.py:method=<method> with
 input.flip=False (the cache refuses augmentation; the uncached run gets the same input) in a fresh
 process, through the trainer itself (vadapt.train.train_and_evaluate). Reported per run:
 train/run_seconds (the loop after the first, compiling step), the one-off seconds of computing the
 cached features, the wall time of train_and_evaluate (setup, loop, final eval), the final eval
-accuracy, and the largest difference between the two runs' trained head params. A measurement,
+accuracy, and the largest difference between the two runs' trained params. A measurement,
 not a test: the machine is shared, so compare the ratios within one run.
 """
 
@@ -35,7 +39,9 @@ def _worker(args) -> dict:
   from vadapt import train  # pylint: disable=g-import-not-at-top
   from vadapt.pretrained.common import flatten  # pylint: disable=g-import-not-at-top
   c = dinov2_fashion_mnist.get_config(
-      f'method=linear,size={args.size},train={args.train},steps={args.steps}')
+      f'method={args.method},size={args.size},train={args.train},steps={args.steps}')
+  if args.layers:
+    c.adapter.layers = tuple(int(i) for i in args.layers.split(','))
   c.input.flip = False
   c.batch_size = args.batch_size
   c.cache_features = args.cache
@@ -59,7 +65,8 @@ def _run(args, size: int, cache: bool, delta_out: str) -> dict:
     env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {SCHEDULER_FLAG}'.strip()
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--size={size}',
          f'--cache={cache}', f'--train={args.train}', f'--steps={args.steps}',
-         f'--batch_size={args.batch_size}', f'--delta_out={delta_out}']
+         f'--batch_size={args.batch_size}', f'--delta_out={delta_out}',
+         f'--method={args.method}', f'--layers={args.layers}']
   out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
   if out.returncode:
     sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
@@ -73,6 +80,8 @@ def main(argv=None) -> None:
   p.add_argument('--train', type=int, default=1000)
   p.add_argument('--steps', type=int, default=100)
   p.add_argument('--batch_size', type=int, default=32)
+  p.add_argument('--method', default='linear')
+  p.add_argument('--layers', default='', help='adapted blocks, e.g. 8,9,10,11 (default: all)')
   p.add_argument('--out', default='')
   p.add_argument('--worker', action='store_true')
   p.add_argument('--size', type=int, default=28)
@@ -87,6 +96,8 @@ def main(argv=None) -> None:
   sys.path.insert(0, ROOT)
   from vadapt import metrics  # pylint: disable=g-import-not-at-top
   load_before = os.getloadavg()
+  what = ('linear probe' if args.method == 'linear' else
+          f'{args.method} on blocks {args.layers or "(all)"} of 12')
   rows = []
   tmp = tempfile.mkdtemp(prefix='vadapt-feature-cache-bench-')
   for size in [int(s) for s in args.sizes.split(',')]:
@@ -101,13 +112,15 @@ def main(argv=None) -> None:
   load_after = os.getloadavg()
 
   lines = [
-      f'# Feature cache: linear probe, DINOv2 ViT-S/14 + Fashion-MNIST, CPU',
+      f'# Feature cache: {what}, DINOv2 ViT-S/14 + Fashion-MNIST, CPU',
       '',
       f'`python benchmarks/feature_cache.py --sizes={args.sizes} --train={args.train} '
-      f'--steps={args.steps} --batch_size={args.batch_size}`: '
-      f'`configs/dinov2_fashion_mnist.py:method=linear`, the first {args.train:,} train images, '
-      f'{args.steps} steps of batch {args.batch_size}, input.flip=False in both runs, one '
-      'process per run, f32.',
+      f'--steps={args.steps} --batch_size={args.batch_size} --method={args.method}'
+      f'{f" --layers={args.layers}" if args.layers else ""}`: '
+      f'`configs/dinov2_fashion_mnist.py:method={args.method}`'
+      f'{f" with adapter.layers=({args.layers})" if args.layers else ""}, the first '
+      f'{args.train:,} train images, {args.steps} steps of batch {args.batch_size}, '
+      'input.flip=False in both runs, one process per run, f32.',
       '',
       f'Machine: `{json.dumps(metrics.machine())}`. Load average (1, 5, 15 min) before '
       f'{tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)} '
@@ -123,7 +136,7 @@ def main(argv=None) -> None:
                    f'{r["feature_seconds"]:.2f} | {r["run_seconds"] + r["feature_seconds"]:.2f} | '
                    f'{r["wall_seconds"]:.1f} | {r["accuracy"]:.4f} | {r["train_loss"]:.6f} |')
   lines += ['', '| size | loop speed-up (run_seconds off / on) | with the one-off features | '
-            'max abs head-param difference |', '|---:|---:|---:|---:|']
+            'max abs trained-param difference |', '|---:|---:|---:|---:|']
   for size, off, on, diff in rows:
     lines.append(f'| {size} | {off["run_seconds"] / on["run_seconds"]:.1f}x | '
                  f'{off["run_seconds"] / (on["run_seconds"] + on["feature_seconds"]):.1f}x | '

@@ -1,4 +1,4 @@
-"""Frozen features computed once: a head trained on cached backbone outputs (config.cache_features).
+"""Frozen features computed once: what trains runs on cached outputs of the frozen layers below it.
 
 A linear probe (adapter.method='linear') trains only the head, on features that the frozen
 backbone maps each training image to. Without augmentation an image's pixels, and so its
@@ -15,10 +15,18 @@ what trains is the input of the top-level `head` module (ViT, DINOv2, ResNet, Ef
 or CLIP's image embedding for adapter.method='clip_adapter' (the adapter and the frozen zero-shot
 classifier run on cached embeddings).
 
+Adapters on the top blocks only (adapter.layers=(8, 9, 10, 11) on a 12-block ViT or DINOv2, any
+method that honours adapter.layers) cache the token sequence that enters the lowest block with a
+trainable parameter: every step runs that block and the ones above it, adapters and head included,
+on the cached tokens, and the patch embedding and the frozen blocks below never run again. The
+backward pass stops at that block whether or not the cache is on (JAX differentiates the trainable
+tree only); the cache removes the frozen blocks' forward pass as well.
+
 It refuses, in one line before any work, where the features would not be those an uncached step
-computes: trainable parameters below the boundary, train-time augmentation (input.crop_scale,
-input.flip), dropout in the backbone, BatchNorm statistics that train, a contrastive loss. The
-cache is num_train x width floats on the host; above config.cache_features_max_mib it refuses.
+computes: trainable parameters below the boundary (full fine-tuning, BitFit, VPT-shallow, adapters
+on every block), train-time augmentation (input.crop_scale, input.flip), dropout in the backbone,
+BatchNorm statistics that train, a contrastive loss, blocks under nn.scan. The cache is num_train
+x (boundary's shape) floats on the host; above config.cache_features_max_mib it refuses.
 
 The features are computed by another XLA program than the uncached train step's, so the last bits
 of a feature may differ from those the fused step computes; tests/test_feature_cache.py states the
@@ -28,6 +36,7 @@ tolerance against an uncached run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any, Iterator
 
@@ -46,7 +55,11 @@ from vadapt.pretrained import common as pretrained_common
 
 # Methods whose every trainable parameter sits above the frozen features.
 METHODS = ('linear', 'clip_adapter')
+# Methods that train something at or below the first block whatever adapter.layers says.
+WHOLE_BACKBONE = ('full', 'bitfit', 'vpt_shallow')
 DEFAULT_MAX_MIB = 2048
+# A trainable param inside encoder block i (vadapt.models.vit naming; also DINOv2's blocks).
+_BLOCK_PARAM = re.compile(r'(?P<block>(?P<scope>(?:.+/)?Transformer)/encoderblock_(?P<index>\d+))/')
 
 
 class FeatureCacheError(ValueError):
@@ -62,8 +75,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Refuses (FeatureCacheError) a config whose features the cache cannot hold; reads nothing."""
   method = config.adapter.method
   if method not in METHODS:
-    raise _refuse(f'a method that trains nothing inside the backbone ({", ".join(METHODS)})',
-                  f'adapter.method={method!r}')
+    frozen_below = ('a method that leaves the lowest blocks frozen (linear, clip_adapter, or a '
+                    'block method with adapter.layers above block 0)')
+    if method in WHOLE_BACKBONE:
+      raise _refuse(frozen_below, f'adapter.method={method!r} (it trains the first block or '
+                    'below)')
+    layers = config.adapter.get('layers')
+    if not layers or min(layers) == 0:
+      raise _refuse(f'{frozen_below}; adapter.layers naming the top blocks only',
+                    f'adapter.method={method!r} with adapter.layers={layers!r} '
+                    f'({"every block" if not layers else "block 0 trains"})')
+    if config.backbone.get('scan'):
+      raise _refuse('blocks as separate modules for adapters on the top blocks (backbone.scan='
+                    'False)', 'backbone.scan=True')
   if config.get('loss', 'ce') != 'ce':
     raise _refuse("loss='ce'", f'loss={config.loss!r} (it reads the batch\'s images as pairs)')
   if config.backbone.get('train_batch_norm'):
@@ -139,49 +163,124 @@ class CLIPOnFeatures(nn.Module):
       return self.model(features, train=train)
 
 
+class BlockInputOnFeatures(nn.Module):
+  """The model from one encoder block up, on cached inputs of that block.
+
+  Called with the block's inputs (B, T, D) in place of images. The layers below the block run on
+  a zero image whose result nothing reads, so XLA removes them from the program; the block and
+  everything above it (adapters, final norm, head) are the model's own code at the model's own
+  param paths.
+
+  Attributes:
+    model: the (adapted) model.
+    boundary: the block's module path, e.g. ('Transformer', 'encoderblock_8').
+    image_shape: (height, width, channels) of the model's images.
+  """
+  model: nn.Module
+  boundary: tuple[str, ...]
+  image_shape: tuple[int, ...]
+
+  @property
+  def drop_schedule(self) -> str:  # The trainer passes adapter_step when the model has one.
+    return getattr(self.model, 'drop_schedule', 'constant')
+
+  def setup(self):
+    nn.share_scope(self, self.model)
+
+  def __call__(self, features: jax.Array, *, train: bool = False, **kwargs) -> jax.Array:
+    def cached(next_fun, args, kw, context):
+      if context.method_name == '__call__' and _path(context.module) == self.boundary:
+        return next_fun(features, *args[1:], **kw)
+      return next_fun(*args, **kw)
+    images = jnp.zeros((features.shape[0], *self.image_shape), jnp.float32)
+    with nn.intercept_methods(cached):  # Outermost: adapters at the block see the cached input.
+      return self.model(images, train=train, **kwargs)
+
+
+def _path(module: nn.Module) -> tuple[str, ...]:
+  return tuple(str(p) for p in module.path)
+
+
 def _is_clip(model: nn.Module) -> bool:
   return hasattr(model, 'image_features') and hasattr(model, 'class_tokens')
 
 
-def _head_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.Array):
-  """(input of the top-level `head` module, an unbound copy of that module) on `images`."""
+def _module_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.Array,
+                  path: tuple[str, ...] = ('head',)):
+  """(input of the module at `path`, an unbound copy of that module) on `images`."""
   found = []
 
   def grab(next_fun, args, kwargs, context):
-    if context.method_name == '__call__' and tuple(context.module.path) == ('head',) and not found:
+    if context.method_name == '__call__' and _path(context.module) == path and not found:
       found.append((args[0], context.module.clone(parent=None)))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(grab):
     model.apply(variables, images, train=True, rngs={'dropout': rng})
   if not found:
-    raise FeatureCacheError(f'cache_features=True needs a model with a top-level `head` module; '
+    raise FeatureCacheError(f'cache_features=True needs a model with a {"/".join(path)!r} module; '
                             f'found none in {type(model).__name__}.')
   return found[0]
+
+
+def _head_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.Array):
+  """(input of the top-level `head` module, an unbound copy of that module) on `images`."""
+  return _module_input(model, variables, images, rng, ('head',))
 
 
 def _trainable_prefix(model: nn.Module) -> str:
   return 'adapter/' if _is_clip(model) else 'head/'
 
 
+def boundary(exp: Experiment) -> tuple[str, ...]:
+  """The module path whose input is cached: ('head',), or the lowest encoder block that trains.
+
+  Read from the delta (every trainable param must lie above the boundary); () for CLIP's image
+  embedding. Raises FeatureCacheError where no frozen prefix exists.
+  """
+  prefix = _trainable_prefix(exp.model)
+  inside = sorted(k for k in pretrained_common.flatten(exp.delta) if not k.startswith(prefix))
+  if not inside:
+    return () if _is_clip(exp.model) else ('head',)
+  if _is_clip(exp.model) or exp.config.adapter.method in METHODS:
+    raise _refuse(f'every trainable param under {prefix!r} (above the frozen features)',
+                  f'{len(inside)} inside the backbone, e.g. {inside[0]!r}')
+  blocks = {}
+  for key in inside:
+    m = _BLOCK_PARAM.match(key)
+    if m:
+      blocks.setdefault(int(m['index']), (m['scope'], m['block'], key))
+  below = [k for k in inside if not _BLOCK_PARAM.match(k) and not re.match(
+      r'(?:.+/)?Transformer/encoder_norm/', k)]
+  if below or not blocks:
+    raise _refuse('every trainable param in an encoder block, the final norm or the head',
+                  f'{len(below)} elsewhere, e.g. {(below or inside)[0]!r}')
+  scopes = {scope for scope, _, _ in blocks.values()}
+  if len(scopes) > 1:
+    raise _refuse('one encoder with trainable blocks', f'{sorted(scopes)}')
+  lowest = min(blocks)
+  if lowest == 0:
+    raise _refuse('the lowest block frozen (adapter.layers above block 0)',
+                  f'trainable params in block 0, e.g. {blocks[0][2]!r}')
+  return tuple(blocks[lowest][1].split('/'))
+
+
 def check(exp: Experiment) -> tuple[str, nn.Module]:
   """check_config, every trainable param above the boundary (read from the delta) and the size.
 
   Returns:
-    (a description of the cache's size, the head model); nothing is computed (abstract traces).
+    (a description of the cache's size, the model that trains on it); nothing is computed
+    (abstract traces).
   """
   check_config(exp.config)
-  prefix = _trainable_prefix(exp.model)
-  inside = sorted(k for k in pretrained_common.flatten(exp.delta) if not k.startswith(prefix))
-  if inside:
-    raise _refuse(f'every trainable param under {prefix!r} (above the frozen features)',
-                  f'{len(inside)} inside the backbone, e.g. {inside[0]!r}')
-  shape, dtype, head_model = _width_and_model(exp)
+  at = boundary(exp)
+  shape, dtype, head_model = _width_and_model(exp, at)
   n = exp.info.num_train
   nbytes = n * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
   limit = exp.config.get('cache_features_max_mib', DEFAULT_MAX_MIB)
-  size = (f'{n:,} train examples x {int(np.prod(shape)):,} {jnp.dtype(dtype).name} = '
-          f'{nbytes / 2 ** 20:,.1f} MiB')
+  where = f'the input of {"/".join(at)}: ' if at and at != ('head',) else ''
+  size = (f'{where}{n:,} train examples x {" x ".join(f"{d:,}" for d in shape)} '
+          f'{jnp.dtype(dtype).name} = {nbytes / 2 ** 20:,.1f} MiB')
   if nbytes > limit * 2 ** 20:
     raise FeatureCacheError(
         f'cache_features=True: the features ({size}) exceed cache_features_max_mib={limit}; '
@@ -191,11 +290,13 @@ def check(exp: Experiment) -> tuple[str, nn.Module]:
 
 @dataclasses.dataclass
 class FeatureCache:
-  """Features of every train row and the head that trains on them.
+  """Features of every train row and the part of the model that trains on them.
 
   Attributes:
-    model: features (B, D) -> logits (B, C), with the experiment's param paths (for the train step).
-    features: (num_train, D) host array, row i = the frozen prefix on train row i.
+    model: features (B, ...) -> logits (B, C), with the experiment's param paths (for the train
+      step): the head, CLIP's classifier or the model from the boundary block up.
+    features: (num_train, ...) host array, row i = the frozen prefix on train row i: (D,) at the
+      head, (T, D) tokens at a block.
     labels: (num_train,) int32.
     seconds: wall time of computing the features (compilation included).
   """
@@ -215,10 +316,10 @@ class FeatureCache:
       yield {'image': self.features[r], 'label': self.labels[r]}
 
 
-def _width_and_model(exp: Experiment):
-  """(feature shape (D,), dtype, head model) from an abstract trace: nothing is computed."""
-  images = jax.ShapeDtypeStruct((1, exp.config.backbone.image_size,
-                                 exp.config.backbone.image_size, 3), jnp.float32)
+def _width_and_model(exp: Experiment, at: tuple[str, ...]):
+  """(feature shape, dtype, the model on features) from an abstract trace: nothing is computed."""
+  image_shape = (exp.config.backbone.image_size, exp.config.backbone.image_size, 3)
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                         partition.merge(exp.delta, exp.frozen))
   rng = jax.random.PRNGKey(0)
@@ -229,11 +330,14 @@ def _width_and_model(exp: Experiment):
   holder = []
 
   def trace(p, x):
-    feats, head = _head_input(exp.model, partition.to_variables(p), x, rng)
-    holder.append(head)
+    feats, module = _module_input(exp.model, partition.to_variables(p), x, rng, at)
+    holder.append(module)
     return feats
   out = jax.eval_shape(trace, params, images)
-  return out.shape[1:], out.dtype, HeadOnFeatures(head=holder[0])
+  if at == ('head',):
+    return out.shape[1:], out.dtype, HeadOnFeatures(head=holder[0])
+  return out.shape[1:], out.dtype, BlockInputOnFeatures(model=exp.model, boundary=at,
+                                                        image_shape=image_shape)
 
 
 def build(exp: Experiment, delta: Any) -> FeatureCache:
@@ -242,10 +346,10 @@ def build(exp: Experiment, delta: Any) -> FeatureCache:
   `delta` is the trainable tree as the run starts (only the frozen prefix is read from it).
   """
   size, head_model = check(exp)
-  metrics_lib.log(f'Caching the frozen features: {size}; the backbone runs once per train '
-                  'example.')
+  metrics_lib.log(f'Caching the frozen features: {size}; the frozen layers below run once per '
+                  'train example.')
   start = time.perf_counter()
-  features, labels = _compute(exp, delta)
+  features, labels = _compute(exp, delta, boundary(exp))
   seconds = time.perf_counter() - start
   n = len(labels)
   metrics_lib.log(f'Computed the features of {n:,} examples in {seconds:.1f}s '
@@ -253,7 +357,8 @@ def build(exp: Experiment, delta: Any) -> FeatureCache:
   return FeatureCache(model=head_model, features=features, labels=labels, seconds=seconds)
 
 
-def _compute(exp: Experiment, delta: Any) -> tuple[np.ndarray, np.ndarray]:
+def _compute(exp: Experiment, delta: Any,
+             at: tuple[str, ...] = ('head',)) -> tuple[np.ndarray, np.ndarray]:
   """Features of train rows 0..n-1: global batches of batch_size, each process its own slots."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from vadapt import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -291,7 +396,7 @@ def _compute(exp: Experiment, delta: Any) -> tuple[np.ndarray, np.ndarray]:
   else:
     def forward(delta, frozen, images):
       variables = partition.to_variables(partition.merge(delta, frozen))
-      return _head_input(exp.model, variables, images, rng)[0]
+      return _module_input(exp.model, variables, images, rng, at)[0]
   forward = jax.jit(forward, in_shardings=(exp.delta_shardings, exp.frozen_shardings, batch_sh),
                     out_shardings=repl)
   batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), max(c.prefetch, 1),

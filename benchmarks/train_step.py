@@ -21,13 +21,17 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
 import time
 
 # 'name+remat' rematerialises every encoder block in the backward pass (backbone.remat=True);
-# 'name+remat_dots' does so keeping the Dense outputs (backbone.remat_policy='dots').
+# 'name+remat_dots' does so keeping the Dense outputs (backbone.remat_policy='dots');
+# 'name+top4' puts the method on the top 4 blocks only (adapter.layers), 'name+top4_cached' also
+# trains on the cached input of the lowest of them (config.cache_features: the step runs those
+# blocks alone; the one-off pass over the blocks below is timed apart as the prefix).
 # Every method of the family, one row each ('--methods=family'), then the remat variants.
 FAMILY = ('full', 'linear', 'houlsby', 'pfeiffer', 'parallel', 'lora', 'dora', 'ssf', 'ia3',
           'bitfit', 'vpt_shallow', 'vpt_deep')
@@ -53,24 +57,35 @@ def _worker(args) -> dict:
   import numpy as np
   assert 'tensorflow' not in sys.modules
 
-  from vadapt import api, experiment, host_memory, partition, train
+  from vadapt import api, experiment, feature_cache, host_memory, partition, train
   rss_imports = _rss_mib()
   method, _, option = args.method.partition('+')
   if method == 'forward':
     return _forward_worker(args, rss_imports)
-  if option not in ('', 'remat', 'remat_dots'):
-    raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat' or "
-                     "'remat_dots'.")
+  top = re.fullmatch(r'top(\d+)(_cached)?', option)
+  if option not in ('', 'remat', 'remat_dots') and not top:
+    raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat', "
+                     "'remat_dots', 'top<k>' or 'top<k>_cached'.")
+  remat_option = '' if top else option
+  num_classes = 100
+  images = jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32)
+  rng = jax.random.PRNGKey(0)
+  layers = None
+  if top:
+    plain = experiment.build_model(trainer_config(
+        method='full', variant=args.variant, image_size=args.image_size, dtype=args.dtype,
+        patch_size=args.patch_size), num_classes)[1]
+    shapes = jax.eval_shape(lambda r: plain.init(r, images, train=False), rng)['params']
+    depth = len([k for k in shapes['Transformer'] if k.startswith('encoderblock_')])
+    layers = tuple(range(depth - int(top[1]), depth))
 
   config = trainer_config(
       method=method, variant=args.variant, image_size=args.image_size, dtype=args.dtype,
-      patch_size=args.patch_size, option=option, bottleneck=args.bottleneck, prompts=args.prompts,
-      rank=args.rank, layer_norm=_LAYER_NORM[args.adapter_layer_norm])
-  num_classes = 100
+      patch_size=args.patch_size, option=remat_option, bottleneck=args.bottleneck,
+      prompts=args.prompts, rank=args.rank, layer_norm=_LAYER_NORM[args.adapter_layer_norm],
+      layers=layers)
 
   model, backbone = experiment.build_model(config, num_classes)
-  images = jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32)
-  rng = jax.random.PRNGKey(0)
 
   def init_params(rng):
     params = backbone.init(rng, images, train=False)['params']
@@ -84,13 +99,31 @@ def _worker(args) -> dict:
   schedule = experiment.make_schedule(config)
   tx = experiment.make_optimizer(config, delta_labels, schedule)
   opt_state = jax.jit(tx.init)(delta)
-  step_fn = jax.jit(train.make_train_step(model, tx, schedule, num_classes=num_classes,
-                                          label_smoothing=0.0, seed=0),
-                    donate_argnums=(0, 1))
   data_rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(data_rng.normal(size=(args.batch_size, args.image_size,
                                                       args.image_size, 3)), jnp.float32),
            'label': jnp.asarray(data_rng.integers(0, num_classes, args.batch_size), jnp.int32)}
+  step_model, prefix_s = model, None
+  if top and top[2]:
+    # What the trainer does with cache_features: the prefix runs once per example (timed here on
+    # one batch), every step runs the top blocks on its output.
+    boundary = ('Transformer', f'encoderblock_{layers[0]}')
+    prefix = jax.jit(lambda d, f, x: feature_cache.module_input(
+        model, partition.to_variables(partition.merge(d, f)), x, rng, boundary)[0])
+    tokens = jax.block_until_ready(prefix(delta, frozen, batch['image']))  # Compiles.
+    jax.block_until_ready(prefix(delta, frozen, batch['image']))  # Warms the allocator.
+    prefix_times = []
+    for _ in range(args.steps):
+      start = time.perf_counter()
+      jax.block_until_ready(prefix(delta, frozen, batch['image']))
+      prefix_times.append(time.perf_counter() - start)
+    prefix_s = float(np.median(prefix_times))
+    step_model = feature_cache.BlockInputOnFeatures(
+        model=model, boundary=boundary, image_shape=(args.image_size, args.image_size, 3))
+    batch = {'image': tokens, 'label': batch['label']}
+  step_fn = jax.jit(train.make_train_step(step_model, tx, schedule, num_classes=num_classes,
+                                          label_smoothing=0.0, seed=0),
+                    donate_argnums=(0, 1))
 
   rss_before_step = _rss_mib()
   start = time.perf_counter()
@@ -131,6 +164,8 @@ def _worker(args) -> dict:
       'peak_rss_mib': _rss_mib(),
       'loss': float(m['loss']),
       'tensorflow_loaded': 'tensorflow' in sys.modules,
+      # With the cache: seconds of the one-off prefix pass per batch (None without).
+      'prefix_sec_per_batch': prefix_s,
   }
 
 
@@ -179,7 +214,7 @@ def _backbone(variant, image_size, dtype, patch_size, option: str = '') -> dict:
 
 def trainer_config(*, method: str, variant: str, image_size: int, dtype: str, patch_size: int,
                    option: str = '', bottleneck: int = 64, prompts: int = 50, rank: int = 8,
-                   layer_norm=None):
+                   layer_norm=None, layers=None):
   """The trainer's config for one benchmark worker (also benchmarks/step_profile.py's). Built
   here rather than from configs/common.py, whose input pipeline pulls in TensorFlow: its ~0.5 GiB
   would count in every method's peak RSS."""
@@ -187,7 +222,7 @@ def trainer_config(*, method: str, variant: str, image_size: int, dtype: str, pa
   return ml_collections.ConfigDict({
       'backbone': _backbone(variant, image_size, dtype, patch_size, option),
       'adapter': {'method': method, 'bottleneck': bottleneck, 'reduction_factor': None,
-                  'layers': None, 'activation': 'relu', 'scale': None, 'learnable_scale': False,
+                  'layers': layers, 'activation': 'relu', 'scale': None, 'learnable_scale': False,
                   'layer_norm': layer_norm, 'dropout': 0.0, 'prompts': prompts, 'drop_rate': 0.0,
                   'drop_schedule': 'constant', 'drop_ramp_steps': 0, 'rank': rank,
                   'alpha': None, 'modules': None},

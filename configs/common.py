@@ -172,8 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.restart = False
   c.prefetch = 2
   # Run the frozen backbone once per train example and train the head on the cached features
-  # (vadapt.feature_cache): linear probe and CLIP-Adapter without augmentation or dropout. The
-  # cache lives on the host; above this size it is refused.
+  # (vadapt.feature_cache): linear probe and CLIP-Adapter without augmentation or dropout; with
+  # adapter.layers on the top blocks only, the input of the lowest adapted block is cached and
+  # the blocks below it run once. The cache lives on the host; above this size it is refused.
   c.cache_features = False
   c.cache_features_max_mib = 2048
 

@@ -18,6 +18,7 @@ from vadapt import input_pipeline
 from vadapt import partition
 from vadapt import train
 from vadapt.pretrained import common as pretrained_common
+from cli_runner import run_cli
 from config_overrides import load_config
 
 
@@ -138,6 +139,42 @@ def test_top_block_adapters_on_cached_block_inputs_train_as_uncached(method, tmp
   trained = pretrained_common.flatten(cached.delta)
   moved = [k for k in trained if 'head' not in k and np.abs(trained[k] - init[k]).max() > 1e-4]
   assert moved, 'the block\'s adapter did not train: equal runs prove nothing'
+
+
+def test_top_block_cache_from_the_command_line(tmp_path, capsys):
+  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                        'vit_b16_adapter.py')
+  argv = [f'--config={config}:test', f'--workdir={tmp_path / "w"}', '--config.mesh.num_devices=1',
+          '--config.adapter.method=pfeiffer', '--config.adapter.layers=(1,)',
+          '--config.input.crop_scale=()', '--config.cache_features=True',
+          '--config.total_steps=2', '--config.eval_at_start=false']
+  assert run_cli(argv) == 0, capsys.readouterr().err
+  out = capsys.readouterr().out
+  assert 'Caching the frozen features: the input of Transformer/encoderblock_1: ' in out
+  assert 'step 2/2' in out
+
+
+@pytest.mark.parametrize('method', ['houlsby', 'pfeiffer', 'parallel', 'lora', 'dora', 'ssf',
+                                    'ia3', 'vpt_deep'])
+def test_without_the_cache_the_backward_pass_stops_at_the_lowest_adapted_block(method):
+  """Every method that honours adapter.layers: the gradient differentiates the delta only, so the
+  frozen block below the adapted one runs forward and never backward."""
+  exp = experiment.setup(top_block_config(method))
+
+  def grad(delta, frozen, x):
+    def loss(delta):
+      variables = partition.to_variables(partition.merge(delta, frozen))
+      return exp.model.apply(variables, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)}).sum()
+    return jax.grad(loss)(delta)
+
+  size = exp.config.backbone.image_size
+  images = np.zeros((8, size, size, 3), np.float32)
+  text = jax.jit(grad).lower(exp.delta, exp.frozen, images).as_text(debug_info=True)
+  ops = [line for line in text.splitlines() if 'encoderblock_' in line]
+  backward = [line for line in ops if 'transpose(' in line]
+  assert any('encoderblock_0' in line for line in ops)  # Block 0 runs forward...
+  assert any('encoderblock_1' in line for line in backward)
+  assert not any('encoderblock_0' in line for line in backward)  # ...and never backward.
 
 
 def test_the_cached_step_leaves_out_the_frozen_blocks():

@@ -205,9 +205,14 @@ def _is_clip(model: nn.Module) -> bool:
   return hasattr(model, 'image_features') and hasattr(model, 'class_tokens')
 
 
-def _module_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.Array,
+def module_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.Array,
                   path: tuple[str, ...] = ('head',)):
-  """(input of the module at `path`, an unbound copy of that module) on `images`."""
+  """(input of the module at `path`, an unbound copy of that module) on `images`.
+
+  What the cache holds per example: path ('head',) for a probe, ('Transformer', 'encoderblock_8')
+  for adapters from block 8 up. A training-mode call (the cache refuses dropout, so it is the
+  inference computation); jit it, or eval_shape it for the shape alone.
+  """
   found = []
 
   def grab(next_fun, args, kwargs, context):
@@ -225,7 +230,7 @@ def _module_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.
 
 def _head_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.Array):
   """(input of the top-level `head` module, an unbound copy of that module) on `images`."""
-  return _module_input(model, variables, images, rng, ('head',))
+  return module_input(model, variables, images, rng, ('head',))
 
 
 def _trainable_prefix(model: nn.Module) -> str:
@@ -330,7 +335,7 @@ def _width_and_model(exp: Experiment, at: tuple[str, ...]):
   holder = []
 
   def trace(p, x):
-    feats, module = _module_input(exp.model, partition.to_variables(p), x, rng, at)
+    feats, module = module_input(exp.model, partition.to_variables(p), x, rng, at)
     holder.append(module)
     return feats
   out = jax.eval_shape(trace, params, images)
@@ -396,7 +401,7 @@ def _compute(exp: Experiment, delta: Any,
   else:
     def forward(delta, frozen, images):
       variables = partition.to_variables(partition.merge(delta, frozen))
-      return _module_input(exp.model, variables, images, rng, at)[0]
+      return module_input(exp.model, variables, images, rng, at)[0]
   forward = jax.jit(forward, in_shardings=(exp.delta_shardings, exp.frozen_shardings, batch_sh),
                     out_shardings=repl)
   batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), max(c.prefetch, 1),

@@ -19,7 +19,8 @@ method='full') and a `frozen` backbone by the label rules. The jitted step diffe
 loss with respect to the delta only, updates it with a per-label optimizer, and donates the delta
 and optimizer state; the frozen tree is an input that is never written (nor checkpointed).
 With config.cache_features (vadapt.feature_cache) a linear probe or CLIP-Adapter runs the frozen
-backbone once per train example and the same step trains the head on those features.
+backbone once per train example and the same step trains the head on those features; adapters on
+the top blocks only train on the cached input of the lowest adapted block.
 
 Multi-host: set config.distributed.initialize=True (plus coordinator_address, num_processes and
 process_id where JAX cannot detect the cluster) and start the same command on every host. Each

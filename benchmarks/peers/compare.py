@@ -14,6 +14,13 @@ AdamW with global-norm clipping, 2 threads on both sides. The machine's matmul l
 first in both environments (benchmarks/peers/matmul.py). Writes <out>.md, <out>.json and, where
 matplotlib is installed, <out>.png.
 
+Top-block modes (`--modes=pfeiffer+top4,pfeiffer+top4_cached,lora+top4,lora+top4_cached`): the
+method on the top 4 of the 12 blocks on both sides (AdapterHub `leave_out`, peft
+`layers_to_transform`); `_cached` trains vadapt on the cached input of the lowest adapted block
+(config.cache_features), which the PyTorch tools do not offer: its step runs the top blocks only,
+and the one-off pass over the frozen blocks below (once per training example, not per step) is
+reported as its own column.
+
 `--vadapt_flags=NAME:FLAGS` (repeatable) adds a vadapt side that runs with FLAGS appended to
 XLA_FLAGS, interleaved with the others in every round: an A/B of XLA:CPU options on the same
 machine and in the same run, e.g.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +47,8 @@ SUITES = {
     'Ti4': ('Ti/16', 4, 32, 64),
 }
 MODES = ('forward', 'full', 'pfeiffer', 'houlsby', 'parallel', 'lora')
+TOP_MODES = ('pfeiffer+top4', 'pfeiffer+top4_cached', 'lora+top4', 'lora+top4_cached')
+DEPTH = 12  # Blocks of every suite's variant (Ti/16, B/16).
 MEMORY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
@@ -63,7 +73,11 @@ def _vadapt_cmd(suite, mode, args):
 
 def _peer_cmd(suite, mode, args):
   variant, patch, size, batch = SUITES[suite]
-  return [PEER_PYTHON, os.path.join(HERE, 'peer_step.py'), f'--mode={mode}', f'--model={variant}',
+  mode, _, option = mode.partition('+')
+  top = re.fullmatch(r'top(\d+)(?:_cached)?', option)
+  layers = ','.join(str(i) for i in range(DEPTH - int(top[1]), DEPTH)) if top else ''
+  return [PEER_PYTHON, os.path.join(HERE, 'peer_step.py'), f'--mode={mode}', f'--layers={layers}',
+          f'--model={variant}',
           f'--patch_size={patch}', f'--image_size={size}', f'--batch_size={batch}',
           f'--steps={args.steps}', f'--dtype={args.dtype}', '--threads=2']
 
@@ -79,7 +93,8 @@ def summarise(results: list[dict], extra_sides: tuple[str, ...] = ()) -> list[di
   rows = []
   keys = sorted({(r['suite'], r['mode']) for r in results},
                 key=lambda k: (list(SUITES).index(k[0]) if k[0] in SUITES else 99,
-                               MODES.index(k[1]) if k[1] in MODES else 99))
+                               (MODES + TOP_MODES).index(k[1]) if k[1] in MODES + TOP_MODES
+                               else 99))
   for suite, mode in keys:
     row = {'suite': suite, 'mode': mode}
     for side in ('vadapt', 'peer'):
@@ -89,6 +104,9 @@ def summarise(results: list[dict], extra_sides: tuple[str, ...] = ()) -> list[di
         row[f'{side}_img_per_sec'] = statistics.median(r['img_per_sec'] for r in ok)
         row[f'{side}_rss_mib'] = statistics.median(r['peak_rss_mib'] for r in ok)
         row[f'{side}_trainable'] = ok[0].get('trainable')
+        prefix = [r['prefix_sec_per_batch'] for r in ok if r.get('prefix_sec_per_batch')]
+        if prefix:  # The one-off pass over the frozen blocks below (cached modes).
+          row['prefix_img_per_sec'] = SUITES[suite][3] / statistics.median(prefix)
       else:
         errors = [r['error'] for r in results
                   if (r['suite'], r['mode'], r['side']) == (suite, mode, side)]
@@ -126,6 +144,20 @@ def markdown(rows: list[dict], matmul: dict, header: str,
   if errors:
     lines += ['', 'Not measured:', '']
     lines += [f'- {s} {m} ({side}): {e}' for s, m, side, e in errors]
+  cached = [r for r in rows if 'prefix_img_per_sec' in r]
+  if cached:
+    lines += ['', 'Cached rows: the step runs the adapted top blocks on cached inputs; the frozen '
+              'blocks below run once per training example (not per step), at this rate:', '',
+              '| suite | mode | one-off prefix pass img/s | vadapt img/s over E epochs, E = 1 / 3 '
+              '/ 10 | vs peer, E = 1 / 3 / 10 |', '|---|---|---:|---:|---:|']
+    for r in cached:
+      # Per example and epoch: one step's share, plus the prefix pass once over all epochs.
+      over = [1.0 / (1.0 / r['vadapt_img_per_sec'] + 1.0 / (e * r['prefix_img_per_sec']))
+              for e in (1, 3, 10)]
+      vs = [o / r['peer_img_per_sec'] for o in over] if 'peer_img_per_sec' in r else []
+      lines.append(f'| {r["suite"]} | {r["mode"]} | {r["prefix_img_per_sec"]:.2f} | '
+                   + ' / '.join(f'{o:.2f}' for o in over) + ' | '
+                   + (' / '.join(f'{v:.2f}x' for v in vs) or 'n/a') + ' |')
   if extra_sides:
     lines += ['', 'vadapt with extra XLA flags, same rounds (img/s, and the ratio to vadapt '
               'as above):', '', '| suite | mode | ' + ' | '.join(

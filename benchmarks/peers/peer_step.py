@@ -6,7 +6,9 @@ process; prints one line `RESULT {json}`.
   benchmarks/peers/.venv/bin/python benchmarks/peers/peer_step.py --model=B/16 --mode=houlsby
 
 Modes: forward (inference, no grad), full (every parameter), pfeiffer (adapters `seq_bn`), houlsby
-(`double_seq_bn`), parallel (`par_bn`), lora (peft, r=8 on query and value), linear (head only).
+(`double_seq_bn`), parallel (`par_bn`), lora (peft, r=8 on query and value), linear (head only);
+--layers=8,9,10,11 puts the adapters / LoRA on those blocks only (AdapterHub `leave_out`, peft
+`layers_to_transform`).
 The step is what a PyTorch user writes: zero_grad, forward, cross-entropy, backward, AdamW over
 the trainable parameters, SDPA attention, torch.set_num_threads(threads). Before timing, the
 worker checks that exactly the method's parameters train (adapter/LoRA names plus the head) and,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import statistics
 import time
@@ -44,13 +47,15 @@ def build(args):
   model = transformers.ViTForImageClassification._from_config(  # pylint: disable=protected-access
       config, attn_implementation='sdpa')
   mode = args.mode
+  selected = [int(i) for i in args.layers.split(',')] if args.layers else None
   trainable_prefixes: tuple[str, ...]
   if mode in ('pfeiffer', 'houlsby', 'parallel'):
     import adapters  # pylint: disable=g-import-not-at-top
     adapters.init(model)
     factor = hidden / args.bottleneck
+    leave_out = [i for i in range(layers) if i not in selected] if selected else []
     cfg = {'pfeiffer': adapters.SeqBnConfig, 'houlsby': adapters.DoubleSeqBnConfig,
-           'parallel': adapters.ParBnConfig}[mode](reduction_factor=factor)
+           'parallel': adapters.ParBnConfig}[mode](reduction_factor=factor, leave_out=leave_out)
     model.add_adapter('task', config=cfg)
     model.train_adapter('task')
     for p in model.classifier.parameters():  # The new task's head trains too, as in vadapt.
@@ -60,7 +65,7 @@ def build(args):
     import peft  # pylint: disable=g-import-not-at-top
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=8, lora_alpha=16, target_modules=['query', 'value'], lora_dropout=0.0,
-        modules_to_save=['classifier']))
+        modules_to_save=['classifier'], layers_to_transform=selected))
     trainable_prefixes = ('lora_', 'classifier')
   elif mode == 'linear':
     for name, p in model.named_parameters():
@@ -74,6 +79,10 @@ def build(args):
   if mode not in ('full', 'forward'):
     wrong = [n for n, _ in trainable if not any(t in n for t in trainable_prefixes)]
     assert not wrong, f'{mode}: unexpected trainable parameters {wrong[:5]}'
+    if selected:
+      elsewhere = [n for n, _ in trainable
+                   if (m := re.search(r'layer\.(\d+)\.', n)) and int(m[1]) not in selected]
+      assert not elsewhere, f'{mode}: trainable parameters outside {selected}: {elsewhere[:3]}'
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert any('attention.attention.query.weight' in n or 'query.base_layer.weight' in n
                for n in frozen), f'{mode}: the backbone is not frozen'
@@ -140,6 +149,7 @@ def main():
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--mode', default='houlsby', choices=MODES)
+  parser.add_argument('--layers', default='', help='Adapted blocks, e.g. 8,9,10,11 (all: empty).')
   parser.add_argument('--bottleneck', type=int, default=64)
   parser.add_argument('--num_classes', type=int, default=100)
   parser.add_argument('--steps', type=int, default=3)

@@ -29,6 +29,7 @@ import time
 
 # 'name+remat' rematerialises every encoder block in the backward pass (backbone.remat=True);
 # 'name+remat_dots' does so keeping the Dense outputs (backbone.remat_policy='dots');
+# 'name+act' recomputes each MLP activation in the backward pass (backbone.recompute_activation);
 # 'name+top4' puts the method on the top 4 blocks only (adapter.layers), 'name+top4_cached' also
 # trains on the cached input of the lowest of them (config.cache_features: the step runs those
 # blocks alone; the one-off pass over the blocks below is timed apart as the prefix).
@@ -63,9 +64,9 @@ def _worker(args) -> dict:
   if method == 'forward':
     return _forward_worker(args, rss_imports)
   top = re.fullmatch(r'top(\d+)(_cached)?', option)
-  if option not in ('', 'remat', 'remat_dots') and not top:
+  if option not in ('', 'remat', 'remat_dots', 'act') and not top:
     raise ValueError(f"Unknown method option {option!r} in {args.method!r}; expected 'remat', "
-                     "'remat_dots', 'top<k>' or 'top<k>_cached'.")
+                     "'remat_dots', 'act', 'top<k>' or 'top<k>_cached'.")
   remat_option = '' if top else option
   num_classes = 100
   images = jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32)
@@ -207,8 +208,9 @@ def _backbone_config(args, option: str = '') -> dict:
 
 def _backbone(variant, image_size, dtype, patch_size, option: str = '') -> dict:
   return {'model': 'vit', 'variant': variant, 'image_size': image_size,
-          'dtype': dtype, 'dropout_rate': 0.0, 'remat': bool(option),
+          'dtype': dtype, 'dropout_rate': 0.0, 'remat': option in ('remat', 'remat_dots'),
           'remat_policy': 'dots' if option == 'remat_dots' else 'nothing',
+          'recompute_activation': option == 'act',
           'overrides': {'patch_size': patch_size} if patch_size else {}}
 
 

@@ -100,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   # With remat, what each block keeps: 'nothing' (least memory) or 'dots' (Dense outputs: most
   # of the saving for adapters at little extra compute). ViT only.
   c.backbone.remat_policy = 'nothing'
+  # Recompute each MLP activation (GELU) in the backward pass from its input instead of keeping
+  # its internals: one hidden-sized array per block less (ViT-Ti/4 batch 64: 665 -> 518 MiB of
+  # step memory) at no measured cost in speed; the gradient's last bits may differ, so it is
+  # opt-in. Transformer backbones (vit, dinov2, clip).
+  c.backbone.recompute_activation = False
   # Zero the loaded head even when its class count matches (the new task's labels differ).
   c.backbone.reset_head = False
   # Architecture fields that replace the variant's (e.g. hidden_size for a custom width); unset

@@ -79,7 +79,9 @@ def make_model(cfg: ml_collections.ConfigDict, num_classes: Optional[int], *,
   return vit.from_variant(cfg.variant, num_classes=num_classes, dtype=compute_dtype(cfg.dtype),
                           dropout_rate=cfg.get('dropout_rate', 0.0),
                           remat=cfg.get('remat', False),
-                          remat_policy=cfg.get('remat_policy', 'nothing'), **overrides)
+                          remat_policy=cfg.get('remat_policy', 'nothing'),
+                          recompute_activation=cfg.get('recompute_activation', False),
+                          **overrides)
 
 
 def _make_dinov2(cfg, num_classes, overrides):
@@ -94,11 +96,15 @@ def _make_dinov2(cfg, num_classes, overrides):
            else cfg.checkpoint_format)
     kwargs.update(dinov2_loader.interpolation(fmt, kwargs['num_registers'] > 0))
   kwargs.update(dtype=compute_dtype(cfg.dtype), dropout_rate=cfg.get('dropout_rate', 0.0),
-                remat=cfg.get('remat', False), remat_policy=cfg.get('remat_policy', 'nothing'))
+                remat=cfg.get('remat', False), remat_policy=cfg.get('remat_policy', 'nothing'),
+                recompute_activation=cfg.get('recompute_activation', False))
   return vit.dinov2(cfg.variant, num_classes=num_classes, **{**kwargs, **overrides})
 
 
 def _make_cnn(cfg, num_classes):
+  if cfg.get('recompute_activation'):
+    raise ValueError('backbone.recompute_activation recomputes transformer MLP activations (vit, '
+                     f'dinov2, clip); found backbone.model={cfg.model!r}. Set it to False.')
   overrides = architecture_overrides(cfg)
   common = dict(num_classes=num_classes, dtype=compute_dtype(cfg.dtype),
                 freeze_batch_norm=not cfg.get('train_batch_norm', False))
@@ -131,7 +137,9 @@ def _make_clip(cfg, num_classes, class_names, templates, recompute_text, ratio, 
   if cfg.variant in clip.CONFIGS and cfg.image_size != clip.CONFIGS[cfg.variant]['image_size']:
     overrides.setdefault('image_size', cfg.image_size)
   model = clip.from_config(cfg.variant, dtype=compute_dtype(cfg.dtype),
-                           remat=cfg.get('remat', False), **overrides)
+                           remat=cfg.get('remat', False),
+                           recompute_activation=cfg.get('recompute_activation', False),
+                           **overrides)
   tokens = clip_classifier.prompt_tokens(tokenizer_lib.default_tokenizer(), class_names,
                                          templates)
   return clip_classifier.CLIPClassifier(

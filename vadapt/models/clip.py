@@ -72,6 +72,7 @@ class Transformer(nn.Module):
     activation: MLP activation name.
     layer_norm_epsilon: LayerNorm epsilon.
     remat: rematerialise each block in the backward pass.
+    recompute_activation: recompute each MLP activation in the backward pass.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -82,6 +83,7 @@ class Transformer(nn.Module):
   activation: str = 'quick_gelu'
   layer_norm_epsilon: float = 1e-5
   remat: bool = False
+  recompute_activation: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -91,7 +93,8 @@ class Transformer(nn.Module):
     for i in range(self.num_layers):
       x = block_cls(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads, activation=self.activation,
-          layer_norm_epsilon=self.layer_norm_epsilon, causal=self.causal, dtype=self.dtype,
+          layer_norm_epsilon=self.layer_norm_epsilon, causal=self.causal,
+          recompute_activation=self.recompute_activation, dtype=self.dtype,
           param_dtype=self.param_dtype, name=f'encoderblock_{i}')(x, not train)
     return x
 
@@ -111,6 +114,7 @@ class VisionTower(nn.Module):
     activation: MLP activation name.
     layer_norm_epsilon: LayerNorm epsilon.
     remat: rematerialise blocks.
+    recompute_activation: recompute each MLP activation in the backward pass.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -125,6 +129,7 @@ class VisionTower(nn.Module):
   activation: str = 'quick_gelu'
   layer_norm_epsilon: float = 1e-5
   remat: bool = False
+  recompute_activation: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -155,7 +160,8 @@ class VisionTower(nn.Module):
     x = Transformer(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
-        remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer',
+        remat=self.remat, recompute_activation=self.recompute_activation,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer',
     )(x, train=train)
     x = norm('ln_post')(x[:, 0])
     proj = self.param('proj', nn.initializers.normal(scale), (w, self.embed_dim),
@@ -179,6 +185,7 @@ class TextTower(nn.Module):
     activation: MLP activation name.
     layer_norm_epsilon: LayerNorm epsilon.
     remat: rematerialise blocks.
+    recompute_activation: recompute each MLP activation in the backward pass.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -193,6 +200,7 @@ class TextTower(nn.Module):
   activation: str = 'quick_gelu'
   layer_norm_epsilon: float = 1e-5
   remat: bool = False
+  recompute_activation: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -217,7 +225,8 @@ class TextTower(nn.Module):
     x = Transformer(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         causal=True, activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
-        remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer',
+        remat=self.remat, recompute_activation=self.recompute_activation,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer',
     )(x, train=train)
     x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='ln_final')(x)
@@ -255,6 +264,7 @@ class CLIP(nn.Module):
     layer_norm_epsilon: LayerNorm epsilon.
     logit_scale_init: initial logit_scale (log(1 / 0.07)).
     remat: rematerialise blocks.
+    recompute_activation: recompute each MLP activation in the backward pass.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -277,12 +287,14 @@ class CLIP(nn.Module):
   layer_norm_epsilon: float = 1e-5
   logit_scale_init: float = math.log(1 / 0.07)
   remat: bool = False
+  recompute_activation: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     common = dict(activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
-                  remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+                  remat=self.remat, recompute_activation=self.recompute_activation,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
     self.vision = VisionTower(
         embed_dim=self.embed_dim, image_size=self.image_size, patch_size=self.patch_size,
         width=self.vision_width, num_layers=self.vision_layers, num_heads=self.vision_heads,

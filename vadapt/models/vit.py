@@ -83,6 +83,9 @@ class MlpBlock(nn.Module):
       2 * mlp_dim features [gate, value] and the hidden is activation(gate) * value. Dense_0 stays
       one fused kernel because that is how DINOv2 files store it (w12 / weights_in).
     dropout_rate: dropout after each Dense.
+    recompute_activation: recompute the MLP activation in the backward pass from its input
+      instead of keeping its internals (tanh-GELU: one hidden-sized array a block less; the
+      gradient's last bits may differ).
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -91,6 +94,7 @@ class MlpBlock(nn.Module):
   activation: str = 'gelu'
   gated: bool = False
   dropout_rate: float = 0.0
+  recompute_activation: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -102,11 +106,14 @@ class MlpBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     x = dense(self.mlp_dim * (2 if self.gated else 1), 'Dense_0')(inputs)
+    activation = get_activation(self.activation)
+    if self.recompute_activation:  # Only the input is kept for the backward pass.
+      activation = jax.checkpoint(activation)
     if self.gated:
       gate, x = jnp.split(x, 2, axis=-1)
-      x = get_activation(self.activation)(gate) * x
+      x = activation(gate) * x
     else:
-      x = get_activation(self.activation)(x)
+      x = activation(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = dense(out_dim, 'Dense_1')(x)
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
@@ -154,6 +161,7 @@ class Encoder1DBlock(nn.Module):
     causal: apply a causal attention mask (CLIP's text tower).
     dropout_rate: dropout after attention and in the MLP.
     attention_dropout_rate: dropout on attention weights.
+    recompute_activation: see MlpBlock.
     dtype: compute dtype (matmuls); the attention softmax runs in float32 when it is narrower.
     param_dtype: parameter dtype.
   """
@@ -166,6 +174,7 @@ class Encoder1DBlock(nn.Module):
   causal: bool = False
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  recompute_activation: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -190,8 +199,8 @@ class Encoder1DBlock(nn.Module):
     y = norm('LayerNorm_1')(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, activation=self.activation, gated=self.gated_mlp,
-        dropout_rate=self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='MlpBlock_0',
+        dropout_rate=self.dropout_rate, recompute_activation=self.recompute_activation,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='MlpBlock_0',
     )(y, deterministic=deterministic)
     if self.layer_scale_init is not None:
       y = LayerScale(self.layer_scale_init, self.param_dtype, name='LayerScale_1')(y)
@@ -350,6 +359,7 @@ class Encoder(nn.Module):
     scan: run the blocks under nn.scan (params stacked on a leading depth axis).
     remat: rematerialise each block in the backward pass.
     remat_policy: what a rematerialised block saves, a name in REMAT_POLICIES.
+    recompute_activation: see MlpBlock.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -369,6 +379,7 @@ class Encoder(nn.Module):
   scan: bool = False
   remat: bool = False
   remat_policy: str = 'nothing'
+  recompute_activation: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -403,7 +414,8 @@ class Encoder(nn.Module):
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, activation=self.activation,
         gated_mlp=self.gated_mlp, layer_scale_init=self.layer_scale_init,
         layer_norm_epsilon=self.layer_norm_epsilon, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+        attention_dropout_rate=self.attention_dropout_rate,
+        recompute_activation=self.recompute_activation, dtype=self.dtype,
         param_dtype=self.param_dtype)
     if self.scan:
       block_cls = _ScanEncoder1DBlock
@@ -495,6 +507,7 @@ class VisionTransformer(nn.Module):
     scan: nn.scan over blocks (stacked params).
     remat: rematerialise blocks.
     remat_policy: what rematerialised blocks save ('nothing' or 'dots', see REMAT_POLICIES).
+    recompute_activation: recompute each MLP activation in the backward pass (see MlpBlock).
     head_bias_init: initial head bias (vit_jax uses 0; big_vision sometimes -6.9 for sigmoid).
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -522,6 +535,7 @@ class VisionTransformer(nn.Module):
   scan: bool = False
   remat: bool = False
   remat_policy: str = 'nothing'
+  recompute_activation: bool = False
   head_bias_init: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -569,8 +583,8 @@ class VisionTransformer(nn.Module):
         gated_mlp=self.gated_mlp, layer_scale_init=self.layer_scale_init,
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, scan=self.scan, remat=self.remat,
-        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='Transformer',
+        remat_policy=self.remat_policy, recompute_activation=self.recompute_activation,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer',
     )(x, cls_token=cls_token, registers=registers, patch_grid=(gh, gw), train=train,
       keep_blocks=return_features)
 

@@ -26,6 +26,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Optional
 
 # 'name+remat' rematerialises every encoder block in the backward pass (backbone.remat=True);
 # 'name+remat_dots' does so keeping the Dense outputs (backbone.remat_policy='dots');
@@ -47,6 +48,14 @@ MEMORY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 def _rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _gflop(compiled) -> Optional[float]:
+  """XLA's FLOP count of one call of a compiled function, in GFLOP (None where it has none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = (cost or {}).get('flops')
+  return flops / 1e9 if flops else None
 
 
 _LAYER_NORM = {'default': None, 'true': True, 'false': False}
@@ -158,6 +167,7 @@ def _worker(args) -> dict:
       'sec_per_step': sec,
       'img_per_sec': args.batch_size / sec,
       'compile_s': compile_s,
+      'step_gflop': _gflop(compiled),
       'xla_step_mib': step_mib,
       'rss_imports_mib': rss_imports,
       'rss_before_step_mib': rss_before_step,
@@ -197,7 +207,7 @@ def _forward_worker(args, rss_imports: float) -> dict:
   total = sum(x.size for x in jax.tree.leaves(params))
   return {'method': args.method, 'remat': False, 'trainable': 0, 'total': total,
           'sec_per_step': sec, 'img_per_sec': args.batch_size / sec, 'compile_s': compile_s,
-          'xla_step_mib': None, 'rss_imports_mib': rss_imports,
+          'step_gflop': _gflop(compiled), 'xla_step_mib': None, 'rss_imports_mib': rss_imports,
           'rss_before_step_mib': rss_imports, 'peak_rss_mib': _rss_mib(), 'loss': float('nan'),
           'tensorflow_loaded': 'tensorflow' in sys.modules}
 

@@ -65,3 +65,17 @@ def test_plot_writes_a_png(tmp_path):
   assert compare.plot(rows, path, ('fast',))
   with open(path, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_work_rate_and_cached_prefix_tables():
+  results = [dict(_r('vadapt', 0, 64.0, 1000, mode='pfeiffer+top4_cached'), step_gflop=10.0,
+                  prefix_sec_per_batch=0.5),
+             _r('peer', 0, 32.0, 900, mode='pfeiffer+top4_cached')]
+  rows = compare.summarise(results)
+  assert rows[0]['prefix_img_per_sec'] == pytest.approx(128.0)  # Ti4's batch 64 in 0.5 s.
+  text = compare.markdown(rows, {'jax_float32': 100.0, 'torch_float32': 50.0}, 'float32, H')
+  # 10 GFLOP a step of 64 images: vadapt 10 GFLOP/s of 100, the peer 5 of 50.
+  assert '| Ti4 | pfeiffer+top4_cached | 10.0 | 10 | 10% | 5 | 10% |' in text
+  # Over E epochs: 1 / (1/64 + 1/(E * 128)) img/s, against the peer's 32.
+  assert '| Ti4 | pfeiffer+top4_cached | 128.00 | 42.67 / 54.86 / 60.95 | 1.33x / 1.71x / 1.90x |' \
+      in text

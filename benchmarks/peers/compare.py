@@ -88,13 +88,21 @@ def cpu_description() -> str:
   return f'{m["cpu"]}; {m["cores"]} cores; SIMD flags: {", ".join(m["flags"]) or "none listed"}'
 
 
+def _mode_order(mode: str) -> tuple[int, str]:
+  """Known modes in their order; 'base+option' right after its base mode."""
+  known = MODES + TOP_MODES
+  if mode in known:
+    return known.index(mode), ''
+  base, _, option = mode.partition('+')
+  return (known.index(base) if base in known else 99), option
+
+
 def summarise(results: list[dict], extra_sides: tuple[str, ...] = ()) -> list[dict]:
   """One row per (suite, mode): medians over rounds of each side's img/s and peak RSS."""
   rows = []
   keys = sorted({(r['suite'], r['mode']) for r in results},
                 key=lambda k: (list(SUITES).index(k[0]) if k[0] in SUITES else 99,
-                               (MODES + TOP_MODES).index(k[1]) if k[1] in MODES + TOP_MODES
-                               else 99))
+                               _mode_order(k[1])))
   for suite, mode in keys:
     row = {'suite': suite, 'mode': mode}
     for side in ('vadapt', 'peer'):
@@ -104,6 +112,8 @@ def summarise(results: list[dict], extra_sides: tuple[str, ...] = ()) -> list[di
         row[f'{side}_img_per_sec'] = statistics.median(r['img_per_sec'] for r in ok)
         row[f'{side}_rss_mib'] = statistics.median(r['peak_rss_mib'] for r in ok)
         row[f'{side}_trainable'] = ok[0].get('trainable')
+        if ok[0].get('step_gflop'):  # XLA's count of the vadapt step (the same math as the peer's).
+          row['step_gflop'] = ok[0]['step_gflop']
         prefix = [r['prefix_sec_per_batch'] for r in ok if r.get('prefix_sec_per_batch')]
         if prefix:  # The one-off pass over the frozen blocks below (cached modes).
           row['prefix_img_per_sec'] = SUITES[suite][3] / statistics.median(prefix)
@@ -144,6 +154,26 @@ def markdown(rows: list[dict], matmul: dict, header: str,
   if errors:
     lines += ['', 'Not measured:', '']
     lines += [f'- {s} {m} ({side}): {e}' for s, m, side, e in errors]
+  counted = [r for r in rows if 'step_gflop' in r]
+  if counted:
+    # The header starts with the run's dtype (main); float32 where it does not.
+    dtype = 'bfloat16' if header.startswith('bfloat16') else 'float32'
+    limits = {side: matmul.get(f'{lib}_{dtype}') for side, lib in (('vadapt', 'jax'),
+                                                                    ('peer', 'torch'))}
+    lines += ['', "Work rate: XLA's FLOP count of the vadapt step (forward: the forward pass), "
+              'the same arithmetic on both sides, per second, and its share of each side\'s own '
+              f'matmul limit below (jax {dtype} for vadapt, torch {dtype} for the peer):', '',
+              '| suite | mode | GFLOP per step | vadapt GFLOP/s | % of jax limit | '
+              'peer GFLOP/s | % of torch limit |', '|---|---|---:|---:|---:|---:|---:|']
+    for r in counted:
+      batch = SUITES[r['suite']][3] if r['suite'] in SUITES else None
+      rate = {side: r['step_gflop'] * r[f'{side}_img_per_sec'] / batch
+              for side in ('vadapt', 'peer') if batch and f'{side}_img_per_sec' in r}
+      share = lambda side: (f'{100 * rate[side] / limits[side]:.0f}%'
+                            if side in rate and limits.get(side) else 'n/a')
+      lines.append(f'| {r["suite"]} | {r["mode"]} | {r["step_gflop"]:.1f} | '
+                   f'{fmt(rate.get("vadapt"), ".0f")} | {share("vadapt")} | '
+                   f'{fmt(rate.get("peer"), ".0f")} | {share("peer")} |')
   cached = [r for r in rows if 'prefix_img_per_sec' in r]
   if cached:
     lines += ['', 'Cached rows: the step runs the adapted top blocks on cached inputs; the frozen '

@@ -74,3 +74,57 @@ def test_depthwise_gradient_runs_once_behind_a_conditional_on_cpu():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   has_cond = 'cond' in str(jax.make_jaxpr(via_vjp)(x, kernel, g))
   assert has_cond == (jax.default_backend() == 'cpu')
+
+
+@pytest.mark.parametrize('subscripts, shapes', [
+    ('...qhd,...khd->...hqk', ((2, 5, 3, 4), (2, 7, 3, 4))),
+    ('...hqk,...khd->...qhd', ((2, 3, 5, 7), (2, 7, 3, 4))),
+    ('...qhd,...khd->...hqk', ((5, 3, 4), (7, 3, 4))),  # no batch axis
+    ('ij,jk->ik', ((3, 4), (4, 5))),  # anything else: jnp.einsum
+])
+def test_head_major_einsum_is_flax_s_einsum(subscripts, shapes):
+  a, b = (jax.random.normal(jax.random.PRNGKey(i), s) for i, s in enumerate(shapes))
+  want = jnp.einsum(subscripts, a, b)
+  got = layers.head_major_einsum(subscripts, a, b)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_attention_with_head_major_products_matches_flax_s(causal):
+  """Same params, masks, softmax and dropout: only the two products' operand layout differs."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 24))
+  mask = nn.make_causal_mask(jnp.ones((2, 9), jnp.int32)) if causal else None
+  kw = dict(num_heads=3, dropout_rate=0.1, broadcast_dropout=False)
+  plain = nn.MultiHeadDotProductAttention(**kw)
+  fast = nn.MultiHeadDotProductAttention(
+      **kw, qk_attn_weights_einsum_cls=lambda: layers.head_major_einsum,
+      attn_weights_value_einsum_cls=lambda: layers.head_major_einsum)
+  params = plain.init(jax.random.PRNGKey(1), x, x, mask=mask, deterministic=True)
+  for deterministic in (True, False):
+    rngs = {'dropout': jax.random.PRNGKey(2)}
+    want = plain.apply(params, x, x, mask=mask, deterministic=deterministic, rngs=rngs)
+    got = fast.apply(params, x, x, mask=mask, deterministic=deterministic, rngs=rngs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x, x, mask=mask, deterministic=True) ** 2))(
+      params)
+  for g_want, g_got in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(fast))):
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_vit_block_uses_head_major_attention_products():
+  from vadapt.models import vit  # pylint: disable=g-import-not-at-top
+  x = jnp.zeros((1, 5, 16))
+  block = vit.Encoder1DBlock(mlp_dim=32, num_heads=2)
+  seen = []
+
+  def spy(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.MultiHeadDotProductAttention) and context.method_name == (
+        '__call__'):
+      seen.append(context.module.qk_attn_weights_einsum_cls()
+                  is layers.head_major_einsum is context.module.attn_weights_value_einsum_cls())
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(spy):
+    block.init(jax.random.PRNGKey(0), x)
+  assert seen == [True]

@@ -164,7 +164,8 @@ def test_without_the_cache_the_backward_pass_stops_at_the_lowest_adapted_block(m
   def grad(delta, frozen, x):
     def loss(delta):
       variables = partition.to_variables(partition.merge(delta, frozen))
-      return exp.model.apply(variables, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)}).sum()
+      rngs = {'dropout': jax.random.PRNGKey(0)}
+      return exp.model.apply(variables, x, train=True, rngs=rngs).sum()
     return jax.grad(loss)(delta)
 
   size = exp.config.backbone.image_size

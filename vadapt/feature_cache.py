@@ -206,7 +206,7 @@ def _is_clip(model: nn.Module) -> bool:
 
 
 def module_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.Array,
-                  path: tuple[str, ...] = ('head',)):
+                 path: tuple[str, ...] = ('head',)):
   """(input of the module at `path`, an unbound copy of that module) on `images`.
 
   What the cache holds per example: path ('head',) for a probe, ('Transformer', 'encoderblock_8')

@@ -101,9 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   # of the saving for adapters at little extra compute). ViT only.
   c.backbone.remat_policy = 'nothing'
   # Recompute each MLP activation (GELU) in the backward pass from its input instead of keeping
-  # its internals: one hidden-sized array per block less (ViT-Ti/4 batch 64: 665 -> 518 MiB of
-  # step memory) at no measured cost in speed; the gradient's last bits may differ, so it is
-  # opt-in. Transformer backbones (vit, dinov2, clip).
+  # its internals: one hidden-sized array per block less (peak RSS of Pfeiffer/LoRA 10-13% lower
+  # at equal speed, benchmarks/results/peers_recompute_activation_cpu_amd.md); the gradient's
+  # last bits may differ, so it is opt-in. Transformer backbones (vit, dinov2, clip).
   c.backbone.recompute_activation = False
   # Zero the loaded head even when its class count matches (the new task's labels differ).
   c.backbone.reset_head = False

@@ -83,7 +83,7 @@ def test_cached_batches_are_the_image_batches_in_order_on_a_data_mesh():
       config.input, global_batch_size=config.batch_size, image_size=config.backbone.image_size,
       preprocess='vit', seed=config.seed, start_step=start)
   rows = cache.batches(config, start_step=start, process_index=0, process_count=1)
-  forward = jax.jit(lambda p, x: feature_cache._head_input(  # pylint: disable=protected-access
+  forward = jax.jit(lambda p, x: feature_cache.module_input(
       exp.model, {'params': p}, x, jax.random.PRNGKey(0))[0])
   params = partition.merge(exp.delta, exp.frozen)
   for _ in range(3):

@@ -228,11 +228,6 @@ def module_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.A
   return found[0]
 
 
-def _head_input(model: nn.Module, variables: Any, images: jax.Array, rng: jax.Array):
-  """(input of the top-level `head` module, an unbound copy of that module) on `images`."""
-  return module_input(model, variables, images, rng, ('head',))
-
-
 def _trainable_prefix(model: nn.Module) -> str:
   return 'adapter/' if _is_clip(model) else 'head/'
 

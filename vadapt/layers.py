@@ -41,7 +41,8 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 # those two batched products with the heads between the batch and the sequence axes far below its
 # matmul rate (ViT-B/16's attention, batch 8, on a 2-core AMD EPYC: 65 ms a block, against 11 ms
 # for the same products on [..., H, T, D] arrays: benchmarks/results/attention_ops_cpu_amd.md).
-# head_major_einsum moves the heads next to the batch first; the products, the softmax and everything around them are flax's.
+# head_major_einsum moves the heads next to the batch first; the products, the softmax and
+# everything around them are flax's.
 _QK, _WV = '...qhd,...khd->...hqk', '...hqk,...khd->...qhd'
 
 

@@ -47,7 +47,12 @@ MEMORY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
 def _rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  """This process's peak resident set (VmHWM; ru_maxrss would start from the parent's at fork)."""
+  try:
+    with open('/proc/self/status') as f:
+      return next(int(l.split()[1]) for l in f if l.startswith('VmHWM:')) / 1024.0
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _gflop(compiled) -> Optional[float]:
@@ -182,22 +187,44 @@ def _worker(args) -> dict:
 
 def _forward_worker(args, rss_imports: float) -> dict:
   """'forward': the bare backbone's jitted forward pass (what serving costs; the peer comparison's
-  inference row). Adapters served merged or unmerged: benchmarks/merge_latency.py."""
+  inference row). Adapters served merged or unmerged: benchmarks/merge_latency.py.
+
+  The forward pass is compiled from the params' shapes before any weights exist, and the
+  compiler's freed heap is handed back (vadapt.host_memory) before they are loaded, so the
+  compiler's peak and the weights are never resident together. With --weights (a Hugging Face
+  save_pretrained directory, as the peer comparison writes for both sides) the weights come from
+  that file through vadapt's own loader, with the GELU form and LayerNorm epsilon its config.json
+  gives (as a user loading that checkpoint gets); without, from a random init.
+  """
   import jax
   import jax.numpy as jnp
   import ml_collections
   import numpy as np
-  from vadapt import backbones  # pylint: disable=g-import-not-at-top
-  model = backbones.make_model(ml_collections.ConfigDict(_backbone_config(args)), 100)
+  from vadapt import backbones, host_memory  # pylint: disable=g-import-not-at-top
+  cfg = _backbone_config(args)
+  if args.weights:
+    cfg.update(checkpoint=args.weights, checkpoint_format='auto')
+    from vadapt.pretrained import vit as vit_loader  # pylint: disable=g-import-not-at-top
+    # What its config.json implies (HF ViT: LayerNorm epsilon 1e-12, GELU exact or tanh).
+    implied = vit_loader.model_kwargs_from_checkpoint(args.weights)
+    cfg['overrides'] = {**cfg['overrides'], 'activation': implied['activation'],
+                        'layer_norm_epsilon': implied['layer_norm_epsilon']}
+  cfg = ml_collections.ConfigDict(cfg)
+  model = backbones.make_model(cfg, 100)
   images = jnp.asarray(np.random.default_rng(0).normal(
       size=(args.batch_size, args.image_size, args.image_size, 3)), jnp.float32)
-  params = jax.jit(lambda r: model.init(r, images[:1], train=False)['params'])(
-      jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(lambda r: model.init(r, images[:1], train=False)['params'],
+                          jax.random.PRNGKey(0))
   fwd = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
   start = time.perf_counter()
-  compiled = fwd.lower(params, images).compile()
+  compiled = fwd.lower(shapes, images).compile()
   compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(params, images))
+  host_memory.release()
+  rss_after_compile = _rss_mib()
+  params = host_memory.to_device(backbones.load_params(cfg, model))  # Leaf by leaf.
+  host_memory.release()
+  rss_before_step = _rss_mib()
+  logits = compiled(params, images)
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
@@ -208,8 +235,10 @@ def _forward_worker(args, rss_imports: float) -> dict:
   return {'method': args.method, 'remat': False, 'trainable': 0, 'total': total,
           'sec_per_step': sec, 'img_per_sec': args.batch_size / sec, 'compile_s': compile_s,
           'step_gflop': _gflop(compiled), 'xla_step_mib': None, 'rss_imports_mib': rss_imports,
-          'rss_before_step_mib': rss_imports, 'peak_rss_mib': _rss_mib(), 'loss': float('nan'),
-          'tensorflow_loaded': 'tensorflow' in sys.modules}
+          'rss_after_compile_mib': rss_after_compile, 'rss_before_step_mib': rss_before_step,
+          'peak_rss_mib': _rss_mib(), 'loss': float('nan'),
+          'tensorflow_loaded': 'tensorflow' in sys.modules, 'weights': args.weights or None,
+          'logits0': np.asarray(logits[0], np.float32).tolist()}
 
 
 def _backbone_config(args, option: str = '') -> dict:
@@ -322,6 +351,9 @@ def main() -> None:
   parser.add_argument('--xla_cpu_scheduler', choices=('memory', 'default'), default='memory',
                       help=f"'memory' sets {MEMORY_SCHEDULER_FLAG} in every worker.")
   parser.add_argument('--out', default=None, help='Also write the table (markdown) here.')
+  parser.add_argument('--weights', default='',
+                      help="forward: load the backbone from this Hugging Face ViT directory "
+                           "(save_pretrained), with the GELU and LayerNorm epsilon it implies.")
   parser.add_argument('--method', default=None, help=argparse.SUPPRESS)  # Worker mode.
   args = parser.parse_args()
 

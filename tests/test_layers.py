@@ -128,3 +128,18 @@ def test_the_vit_block_uses_head_major_attention_products():
   with nn.intercept_methods(spy):
     block.init(jax.random.PRNGKey(0), x)
   assert seen == [True]
+
+
+def test_gelu_exact_is_pytorchs_erf_form():
+  x = np.linspace(-12, 12, 20001).astype(np.float32)
+  ours = np.asarray(layers.gelu_exact(jnp.asarray(x)))
+  np.testing.assert_allclose(ours, np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False)),
+                             rtol=0, atol=1e-6)
+  grad = jax.grad(lambda v: layers.gelu_exact(v).sum())(jnp.asarray(x))
+  want = jax.grad(lambda v: jax.nn.gelu(v, approximate=False).sum())(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=0, atol=1e-6)
+  assert layers.get_activation('gelu_exact') is layers.gelu_exact
+  assert layers.gelu_exact(jnp.ones(2, jnp.bfloat16)).dtype == jnp.bfloat16
+  torch = pytest.importorskip('torch')
+  np.testing.assert_allclose(ours, torch.nn.functional.gelu(torch.from_numpy(x)).numpy(),
+                             rtol=0, atol=1e-6)

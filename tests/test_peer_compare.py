@@ -79,3 +79,15 @@ def test_work_rate_and_cached_prefix_tables():
   # Over E epochs: 1 / (1/64 + 1/(E * 128)) img/s, against the peer's 32.
   assert '| Ti4 | pfeiffer+top4_cached | 128.00 | 42.67 / 54.86 / 60.95 | 1.33x / 1.71x / 1.90x |' \
       in text
+
+
+def test_forward_rows_report_the_logit_difference():
+  results = [dict(_r('vadapt', 0, 5.0, 400, mode='forward'), logits0=[0.5, -1.0, 2.0]),
+             dict(_r('peer', 0, 4.0, 450, mode='forward'), logits0=[0.5, -1.0 + 3e-6, 2.0]),
+             _r('vadapt', 0, 60.0, 1000), _r('peer', 0, 100.0, 800)]
+  rows = compare.summarise(results)
+  forward = next(r for r in rows if r['mode'] == 'forward')
+  assert forward['max_logit_diff'] == pytest.approx(3e-6)
+  assert all('max_logit_diff' not in r for r in rows if r['mode'] != 'forward')
+  text = compare.markdown(rows, {}, 'H')
+  assert 'largest |logit difference| between the sides on the same images: Ti4 3.0e-06' in text

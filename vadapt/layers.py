@@ -19,11 +19,22 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """GELU's exact form as PyTorch computes it, x * (1 + erf(x / sqrt(2))) / 2.
+
+  jax.nn.gelu(approximate=False) evaluates the same function through erfc, which XLA:CPU runs
+  about 2.3x slower than erf (2.6 ms against 1.1 ms on ViT-Ti/4's [4160, 768] MLP activation,
+  2-core AMD EPYC); the two agree to 1e-6 where the value is not negligible (below about
+  x = -5 this form, as PyTorch's, returns 0 where erfc's keeps a tiny negative value).
+  """
+  return x * (jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)) + 1) * 0.5
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # vit_jax and big_vision train with the tanh approximation (flax's default).
     'gelu': lambda x: nn.gelu(x, approximate=True),
-    # Hugging Face's "gelu" is the exact erf form.
-    'gelu_exact': lambda x: nn.gelu(x, approximate=False),
+    # Hugging Face's "gelu" (and DINOv2's nn.GELU) is the exact erf form.
+    'gelu_exact': gelu_exact,
     'quick_gelu': quick_gelu,
     'relu': nn.relu,
     # The gate of SwiGLU MLPs (DINOv2 ViT-g).

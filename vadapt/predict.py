@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from vadapt import checkpoint as ckpt_lib
+from vadapt import host_memory
 from vadapt import metrics as metrics_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
@@ -127,7 +128,7 @@ class Predictor:
     params = backbones.load_params(config.backbone, plain,
                                    rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
     params = ckpt_lib.load_adapter(adapter_path, model, params)
-    self._params = jax.device_put(params)
+    self._params = host_memory.to_device(params)  # Never both whole copies at once.
     self._logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
     self._size = int(meta.get('image_size') or config.backbone.image_size)
     self._family = meta.get('preprocess') or config.get('preprocess', 'vit')

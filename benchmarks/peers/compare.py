@@ -21,6 +21,10 @@ method on the top 4 of the 12 blocks on both sides (AdapterHub `leave_out`, peft
 and the one-off pass over the frozen blocks below (once per training example, not per step) is
 reported as its own column.
 
+The forward rows load the same weights on both sides: a random Hugging Face ViT written once per
+suite with save_pretrained (in a temporary directory), read by transformers' from_pretrained and by
+vadapt's own checkpoint loader; the table gives the largest logit difference between the sides.
+
 `--vadapt_flags=NAME:FLAGS` (repeatable) adds a vadapt side that runs with FLAGS appended to
 XLA_FLAGS, interleaved with the others in every round: an A/B of XLA:CPU options on the same
 machine and in the same run, e.g.
@@ -36,6 +40,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -49,6 +54,8 @@ SUITES = {
 MODES = ('forward', 'full', 'pfeiffer', 'houlsby', 'parallel', 'lora')
 TOP_MODES = ('pfeiffer+top4', 'pfeiffer+top4_cached', 'lora+top4', 'lora+top4_cached')
 DEPTH = 12  # Blocks of every suite's variant (Ti/16, B/16).
+# --gelu -> transformers' hidden_act.
+HIDDEN_ACT = {'exact': 'gelu', 'tanh': 'gelu_pytorch_tanh'}
 MEMORY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
@@ -61,9 +68,16 @@ def _result(cmd: list[str], env: dict) -> dict:
   return json.loads(lines[-1][len('RESULT '):])
 
 
+def _weights(suite, args) -> str:
+  """The forward rows' weights: one Hugging Face save_pretrained directory per suite."""
+  return os.path.join(args.weights_dir, suite) if args.weights_dir else ''
+
+
 def _vadapt_cmd(suite, mode, args):
   variant, patch, size, batch = SUITES[suite]
+  weights = [f'--weights={_weights(suite, args)}'] if mode == 'forward' else []
   return [sys.executable, os.path.join(ROOT, 'benchmarks', 'train_step.py'), f'--method={mode}',
+          *weights,
           f'--variant={variant}', f'--patch_size={patch}', f'--image_size={size}',
           f'--batch_size={batch}', f'--steps={args.steps}', f'--dtype={args.dtype}',
           # AdapterHub's par_bn has no LayerNorm inside the bottleneck; vadapt's parallel default
@@ -76,8 +90,9 @@ def _peer_cmd(suite, mode, args):
   mode, _, option = mode.partition('+')
   top = re.fullmatch(r'top(\d+)(?:_cached)?', option)
   layers = ','.join(str(i) for i in range(DEPTH - int(top[1]), DEPTH)) if top else ''
+  weights = [f'--weights={_weights(suite, args)}'] if mode == 'forward' else []
   return [PEER_PYTHON, os.path.join(HERE, 'peer_step.py'), f'--mode={mode}', f'--layers={layers}',
-          f'--model={variant}',
+          *weights, f'--hidden_act={HIDDEN_ACT[args.gelu]}', f'--model={variant}',
           f'--patch_size={patch}', f'--image_size={size}', f'--batch_size={batch}',
           f'--steps={args.steps}', f'--dtype={args.dtype}', '--threads=2']
 
@@ -121,6 +136,11 @@ def summarise(results: list[dict], extra_sides: tuple[str, ...] = ()) -> list[di
         errors = [r['error'] for r in results
                   if (r['suite'], r['mode'], r['side']) == (suite, mode, side)]
         row[f'{side}_error'] = errors[0] if errors else 'not run'
+    logits = {side: [r['logits0'] for r in results if (r['suite'], r['mode'], r['side']) ==
+                     (suite, mode, side) and r.get('logits0')] for side in ('vadapt', 'peer')}
+    if logits['vadapt'] and logits['peer']:  # Both loaded the same file: the same function.
+      row['max_logit_diff'] = max(abs(a - b) for v in logits['vadapt'] for p in logits['peer']
+                                  for a, b in zip(v, p))
     if 'vadapt_img_per_sec' in row and 'peer_img_per_sec' in row:
       row['speed_ratio'] = row['vadapt_img_per_sec'] / row['peer_img_per_sec']
       row['rss_ratio'] = row['vadapt_rss_mib'] / row['peer_rss_mib']
@@ -154,6 +174,14 @@ def markdown(rows: list[dict], matmul: dict, header: str,
   if errors:
     lines += ['', 'Not measured:', '']
     lines += [f'- {s} {m} ({side}): {e}' for s, m, side, e in errors]
+  same = [r for r in rows if 'max_logit_diff' in r]
+  if same:
+    lines += ['', 'Forward rows load one Hugging Face `save_pretrained` file per suite on both '
+              "sides (vadapt through its own loader, with the GELU form and LayerNorm epsilon "
+              "1e-12 the file's config.json gives), compiled before the weights load; largest "
+              "|logit difference| "
+              'between the sides on the same images: ' + ', '.join(
+                  f'{r["suite"]} {r["max_logit_diff"]:.1e}' for r in same) + '.']
   counted = [r for r in rows if 'step_gflop' in r]
   if counted:
     # The header starts with the run's dtype (main); float32 where it does not.
@@ -240,12 +268,29 @@ def main() -> None:
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  parser.add_argument('--gelu', choices=tuple(HIDDEN_ACT), default='exact',
+                      help="The peer's GELU (transformers' default: exact). The forward rows' "
+                           'file carries it, so both sides compute it there; in the training '
+                           'rows vadapt keeps its ViT default, the tanh form.')
   parser.add_argument('--out', default=None, help='Writes <out>.md, <out>.json, <out>.png.')
   parser.add_argument('--vadapt_flags', action='append', default=[], metavar='NAME:FLAGS',
                       help='An extra vadapt side run with FLAGS added to XLA_FLAGS.')
   args = parser.parse_args()
   if not os.path.exists(PEER_PYTHON):
     sys.exit(f'error: {PEER_PYTHON} not found: run bash benchmarks/peers/setup.sh first.')
+  args.weights_dir = ''
+  tmp = None
+  if 'forward' in args.modes.split(','):
+    tmp = tempfile.TemporaryDirectory(prefix='vadapt_peer_weights_')
+    args.weights_dir = tmp.name
+    for suite in args.suites.split(','):
+      variant, patch, size, _ = SUITES[suite]
+      saved = _result([PEER_PYTHON, os.path.join(HERE, 'peer_step.py'), '--mode=forward',
+                       f'--hidden_act={HIDDEN_ACT[args.gelu]}',
+                       f'--model={variant}', f'--patch_size={patch}', f'--image_size={size}',
+                       f'--save={_weights(suite, args)}'], dict(os.environ))
+      if 'error' in saved:
+        sys.exit(f'error: writing the {suite} weights failed: {saved["error"]}')
   extra = {}
   for item in args.vadapt_flags:
     name, sep, flags = item.partition(':')
@@ -278,7 +323,8 @@ def main() -> None:
   load_after = os.getloadavg()
   rows = summarise(results, tuple(extra))
   header = (f'{args.dtype}, median over {args.rounds} round(s) of each process\'s median of '
-            f'{args.steps} steps; bottleneck 64, 100 classes, 2 threads.\n\n'
+            f'{args.steps} steps; bottleneck 64, 100 classes, 2 threads; the peer\'s GELU: '
+            f'{args.gelu}, vadapt\'s: tanh (forward rows: the file\'s, {args.gelu}).\n\n'
             f'Machine: {cpu_description()}.\n\nLoad average before: '
             f'{", ".join(f"{x:.2f}" for x in load_before)}; after: '
             f'{", ".join(f"{x:.2f}" for x in load_after)}.')
@@ -295,6 +341,8 @@ def main() -> None:
       json.dump({'matmul': matmul, 'results': results, 'rows': rows, 'extra_sides': extra}, f,
                 indent=1)
     plot(rows, args.out + '.png', tuple(extra))
+  if tmp:
+    tmp.cleanup()
 
 
 if __name__ == '__main__':

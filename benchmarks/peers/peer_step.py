@@ -5,7 +5,8 @@ process; prints one line `RESULT {json}`.
 
   benchmarks/peers/.venv/bin/python benchmarks/peers/peer_step.py --model=B/16 --mode=houlsby
 
-Modes: forward (inference, no grad), full (every parameter), pfeiffer (adapters `seq_bn`), houlsby
+Modes: forward (inference, no grad; with --weights=DIR the model loads from a save_pretrained
+directory, which --save=DIR writes), full (every parameter), pfeiffer (adapters `seq_bn`), houlsby
 (`double_seq_bn`), parallel (`par_bn`), lora (peft, r=8 on query and value), linear (head only);
 --layers=8,9,10,11 puts the adapters / LoRA on those blocks only (AdapterHub `leave_out`, peft
 `layers_to_transform`).
@@ -32,20 +33,45 @@ MODES = ('forward', 'full', 'linear', 'pfeiffer', 'houlsby', 'parallel', 'lora')
 
 
 def _rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  """This process's peak resident set (VmHWM; ru_maxrss would start from the parent's at fork)."""
+  try:
+    with open('/proc/self/status') as f:
+      return next(int(l.split()[1]) for l in f if l.startswith('VmHWM:')) / 1024.0
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def build(args):
+def _random_model(args):
   import transformers  # pylint: disable=g-import-not-at-top
   width, patch = args.model.split('/')
   hidden, layers, heads, mlp = WIDTHS[width]
   config = transformers.ViTConfig(
       hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
       intermediate_size=mlp, image_size=args.image_size, patch_size=int(args.patch_size or patch),
-      num_labels=args.num_classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+      num_labels=args.num_classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+      hidden_act=args.hidden_act)
   torch.manual_seed(0)
-  model = transformers.ViTForImageClassification._from_config(  # pylint: disable=protected-access
+  return transformers.ViTForImageClassification._from_config(  # pylint: disable=protected-access
       config, attn_implementation='sdpa')
+
+
+def save(args) -> dict:
+  """Writes the suite's randomly initialised ViT (model.safetensors + config.json) to args.save:
+  the file both sides' forward rows load, as a user serving a checkpoint would."""
+  _random_model(args).save_pretrained(args.save)
+  return {'saved': args.save}
+
+
+def build(args):
+  import transformers  # pylint: disable=g-import-not-at-top
+  hidden, layers, _, _ = WIDTHS[args.model.split('/')[0]]
+  if args.weights:
+    if args.mode != 'forward':
+      raise ValueError('--weights is for --mode=forward.')
+    model = transformers.ViTForImageClassification.from_pretrained(
+        args.weights, attn_implementation='sdpa')
+  else:
+    model = _random_model(args)
   mode = args.mode
   selected = [int(i) for i in args.layers.split(',')] if args.layers else None
   trainable_prefixes: tuple[str, ...]
@@ -98,6 +124,11 @@ def run(args) -> dict:
   gen = torch.Generator().manual_seed(0)
   images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen)
   labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen)
+  if args.weights:  # The vadapt side's images (NHWC numpy, seed 0), to compare the logits.
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    images = torch.from_numpy(np.random.default_rng(0).normal(
+        size=(args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32)
+                              ).permute(0, 3, 1, 2).contiguous()
   autocast = (torch.autocast('cpu', dtype=torch.bfloat16) if args.dtype == 'bfloat16'
               else torch.autocast('cpu', enabled=False))
   frozen_name, frozen_param = next(((n, p) for n, p in model.named_parameters()
@@ -107,9 +138,13 @@ def run(args) -> dict:
   if args.mode == 'forward':
     model.eval()
 
+    logits = []
+
     def step():
       with torch.inference_mode(), autocast:
-        return model(pixel_values=images).logits.float().sum()
+        out = model(pixel_values=images).logits.float()
+        logits[:] = [out[0]]
+        return out.sum()
   else:
     model.train()
     opt = torch.optim.AdamW([p for _, p in trainable], lr=1e-3, weight_decay=1e-4)
@@ -139,7 +174,9 @@ def run(args) -> dict:
           'trainable': n_trainable, 'total': n_total, 'sec_per_step': sec,
           'img_per_sec': args.batch_size / sec, 'warmup_s': warmup_s,
           'rss_imports_mib': rss_imports, 'peak_rss_mib': _rss_mib(), 'out': float(out),
-          'torch': torch.__version__, 'threads': torch.get_num_threads()}
+          'torch': torch.__version__, 'threads': torch.get_num_threads(),
+          'weights': args.weights or None,
+          'logits0': logits[0].tolist() if args.mode == 'forward' else None}
 
 
 def main():
@@ -155,8 +192,15 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  parser.add_argument('--hidden_act', default='gelu', choices=('gelu', 'gelu_pytorch_tanh'),
+                      help="The MLP's GELU: transformers' default exact form, or the tanh form "
+                           "(vadapt's ViT default, as vit_jax and big_vision).")
+  parser.add_argument('--weights', default='',
+                      help='forward: load the model from this save_pretrained directory.')
+  parser.add_argument('--save', default='',
+                      help='Only write the random model (save_pretrained) to this directory.')
   args = parser.parse_args()
-  print('RESULT ' + json.dumps(run(args)), flush=True)
+  print('RESULT ' + json.dumps(save(args) if args.save else run(args)), flush=True)
 
 
 if __name__ == '__main__':

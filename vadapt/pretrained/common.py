@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +32,70 @@ def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   """{'a/b/c': leaf} -> nested dict."""
   return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+
+
+# safetensors dtype names -> numpy dtypes, including those numpy lacks (ml_dtypes ships with JAX).
+SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+    'F8_E4M3': ml_dtypes.float8_e4m3fn, 'F8_E5M2': ml_dtypes.float8_e5m2,
+    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+    'BOOL': np.bool_,
+}
+
+
+def read_safetensors(file: str) -> dict[str, np.ndarray]:
+  """Every tensor of a safetensors file (writable numpy arrays), read one tensor at a time.
+
+  The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+  data_offsets) and the raw little-endian data. safetensors.numpy.load_file reads the whole file
+  into one buffer and copies each tensor out of it, and safe_open maps the file, so either way the
+  process holds the weights twice at its peak (the mapped pages count in its resident set); here
+  each tensor is read straight into its own array. numpy-less dtypes (bfloat16, float8) come back
+  as ml_dtypes arrays. A malformed file raises ValueError naming what is wrong.
+  """
+  size = os.path.getsize(file)
+  with open(file, 'rb') as f:
+    length = int.from_bytes(f.read(8), 'little')
+    if size < 8 or length > size - 8:
+      raise ValueError(f'header length {length} does not fit in a {size}-byte file')
+    try:
+      header = json.loads(f.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f'its header is not JSON: {e}') from None
+    if not isinstance(header, dict):
+      raise ValueError(f'its header is a JSON {type(header).__name__}, expected an object')
+    base = 8 + length
+    out = {}
+    for name, info in header.items():
+      if name == '__metadata__':
+        continue
+      try:
+        dtype = np.dtype(SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
+        shape = tuple(int(d) for d in info['shape'])
+        start, end = (int(o) for o in info['data_offsets'])
+      except KeyError as e:
+        raise ValueError(f'tensor {name}: unsupported dtype or missing field {e}') from None
+      except (TypeError, ValueError) as e:
+        raise ValueError(f'tensor {name} has a malformed entry {info!r}') from e
+      if end - start != math.prod(shape) * dtype.itemsize or start < 0 or base + end > size:
+        raise ValueError(f'tensor {name} ({info["dtype"]} {list(shape)}) has data_offsets '
+                         f'[{start}, {end}] that do not match its size or the file')
+      buffer = bytearray(end - start)
+      f.seek(base + start)
+      f.readinto(buffer)
+      out[name] = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+  return out
+
+
+def consume(tensors: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+  """Yields (name, array) in order, removing each from `tensors` first.
+
+  For the loops that convert a file's tensors: once converted (transposed, reshaped), a tensor's
+  file copy is dropped instead of living on until the whole loop ends, so reading a checkpoint
+  holds about one copy of the weights at a time rather than two.
+  """
+  for key in list(tensors):
+    yield key, tensors.pop(key)
 
 
 def check_matches(expected: Mapping[str, Any], found: Mapping[str, Any], *,

@@ -55,8 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vadapt.models.vit import VisionTransformer
-from vadapt.pretrained.common import (CheckpointMismatchError, check_matches, flatten,
-                                      require_file, unflatten)
+from vadapt.pretrained.common import (CheckpointMismatchError, check_matches, consume, flatten,
+                                      read_safetensors, require_file, unflatten)
 from vadapt.pretrained.vit import UnknownCheckpointFormatError, stack_layers
 
 logger = logging.getLogger(__name__)
@@ -127,16 +127,12 @@ def _hf_config(path: str) -> Optional[dict[str, Any]]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from vadapt.pretrained.vit import _read_safetensors_raw  # pylint: disable=g-import-not-at-top
   tensors = {}
   for file in _hf_files(path):
     try:
-      tensors.update(load_file(file))
-    except TypeError:  # a dtype numpy does not have, e.g. bfloat16.
-      tensors.update(_read_safetensors_raw(file))
-    except Exception as e:  # safetensors raises its own error types for bad headers.
-      raise _error(file, f'safetensors cannot read it ({type(e).__name__}: {e})') from e
+      tensors.update(read_safetensors(file))
+    except ValueError as e:
+      raise _error(file, f'safetensors cannot read it ({e})') from e
   return tensors
 
 
@@ -288,8 +284,8 @@ def _from_hf_in_memory(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
 # ----------------------------------------------------------------------------- onto our names
 
 
-def _to_ours(tensors: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
-  """transformers on-disk names -> our flat per-layer params."""
+def _to_ours(tensors: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
+  """transformers on-disk names -> our flat per-layer params; empties `tensors` as it goes."""
   top = {'embeddings.cls_token': 'cls', 'embeddings.register_tokens': 'registers',
          'embeddings.position_embeddings': 'Transformer/posembed_input/pos_embedding'}
   modules = {'norm1': ('LayerNorm_0', 'norm'), 'norm2': ('LayerNorm_1', 'norm'),
@@ -303,7 +299,7 @@ def _to_ours(tensors: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np.
              'mlp.fc2': ('MlpBlock_0/Dense_1', 'linear'),
              'mlp.weights_out': ('MlpBlock_0/Dense_1', 'linear')}
   out = {}
-  for key, value in tensors.items():
+  for key, value in consume(tensors):
     value = np.asarray(value)
     if key == 'embeddings.mask_token':  # only used by masked-image pre-training.
       continue

@@ -44,8 +44,9 @@ import scipy.ndimage
 
 from vadapt import files
 from vadapt.models.vit import VisionTransformer
-from vadapt.pretrained.common import (CheckpointMismatchError, check_matches, flatten,
-                                      recover_npz_dtype, require_file, unflatten)
+from vadapt.pretrained.common import (CheckpointMismatchError, check_matches, consume, flatten,
+                                      read_safetensors, recover_npz_dtype, require_file,
+                                      unflatten)
 
 logger = logging.getLogger(__name__)
 
@@ -316,45 +317,13 @@ def _hf_config_path(path: str) -> Optional[str]:
   return config if os.path.exists(config) else None
 
 
-# safetensors dtype names -> numpy dtypes, including those numpy lacks (ml_dtypes ships with JAX).
-_SAFETENSORS_DTYPES = {
-    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-    'F8_E4M3': ml_dtypes.float8_e4m3fn, 'F8_E5M2': ml_dtypes.float8_e5m2,
-    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
-    'BOOL': np.bool_,
-}
-
-
-def _read_safetensors_raw(file: str) -> dict[str, np.ndarray]:
-  """Reads a safetensors file from its header: 8-byte length, JSON, then raw little-endian data.
-
-  Used for dtypes such as bfloat16 that safetensors.numpy cannot represent.
-  """
-  with open(file, 'rb') as f:
-    header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
-    data = f.read()
-  out = {}
-  for name, info in header.items():
-    if name == '__metadata__':
-      continue
-    if info['dtype'] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f'{file!r}: tensor {name} has unsupported dtype {info["dtype"]}.')
-    start, end = info['data_offsets']
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
-    out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info['shape'])
-  return out
-
-
 def _read_safetensors(files: Sequence[str]) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   tensors = {}
   for file in files:
     try:
-      tensors.update(load_file(file))
-    except TypeError:  # a dtype numpy does not have, e.g. bfloat16.
-      tensors.update(_read_safetensors_raw(file))
-    except Exception as e:  # safetensors raises its own error types for bad headers.
-      raise _unknown_format(file, f'safetensors cannot read it ({type(e).__name__}: {e})') from e
+      tensors.update(read_safetensors(file))
+    except ValueError as e:
+      raise _unknown_format(file, f'safetensors cannot read it ({e})') from e
   return tensors
 
 
@@ -372,7 +341,7 @@ def _read_hf(path: str, num_heads: Optional[int]) -> Checkpoint:
     raise _unknown_format(path, 'its safetensors keys are not those of a Hugging Face ViT '
                                 f'(e.g. {sorted(tensors)[:3]})')
   out = {}
-  for key, value in tensors.items():
+  for key, value in consume(tensors):
     name = key[len('vit.'):] if key.startswith('vit.') else key
     if name == 'embeddings.cls_token':
       out['cls'] = value

@@ -183,6 +183,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.cache_features = False
   c.cache_features_max_mib = 2048
 
+  # XLA options for compiling the train, eval and feature-cache steps (jax.jit's
+  # compiler_options), e.g. {'xla_cpu_enable_fast_math': False}; names and values are checked
+  # before any work.
+  c.compiler_options = ml_collections.ConfigDict()
+  # CPU only (ignored on accelerators): every matmul as its own YNNPACK call rather than inside
+  # XLA's dot fusions. Faster for frozen-backbone training of small ViTs on CPU (ViT-Ti/4 adapters
+  # +10-30% on a 2-core AMD EPYC), slower for full fine-tuning; benchmarks/results/peers_*.md.
+  c.xla_cpu_individual_dots = False
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1

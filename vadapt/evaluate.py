@@ -64,7 +64,8 @@ def run_eval(exp: Experiment, eval_step: Callable, delta: Any) -> dict[str, floa
 def jit_eval_step(exp: Experiment) -> Callable:
   return jax.jit(make_eval_step(exp.model, exp.info.num_classes),
                  in_shardings=(exp.delta_shardings, exp.frozen_shardings,
-                               sharding_lib.batch_sharding(exp.mesh)))
+                               sharding_lib.batch_sharding(exp.mesh)),
+                 compiler_options=experiment.compiler_options(exp.config))
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

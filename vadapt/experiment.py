@@ -249,11 +249,44 @@ class Experiment:
   counts: dict[str, int]
 
 
+# XLA:CPU's option that runs every matmul as its own YNNPACK call instead of inside XLA's dot
+# fusions (which also hold the element-wise work around the dot, e.g. LayerNorm's backward sums).
+_CPU_INDIVIDUAL_DOTS = ('xla_cpu_experimental_ynn_fusion_type',
+                        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT')
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> Optional[dict[str, Any]]:
+  """XLA options for compiling the train, eval and feature-cache steps (jax.jit's
+  compiler_options): config.compiler_options as given, plus XLA:CPU's individual YNNPACK dots
+  where config.xla_cpu_individual_dots is set and the backend is the CPU (ignored elsewhere, so
+  one config serves CPU and accelerators). None when there are none."""
+  options = dict(config.get('compiler_options') or {})
+  if config.get('xla_cpu_individual_dots') and jax.default_backend() == 'cpu':
+    options.setdefault(*_CPU_INDIVIDUAL_DOTS)
+  return options or None
+
+
+def _check_compiler_options(config: ml_collections.ConfigDict) -> None:
+  options = compiler_options(config)
+  if not options:
+    return
+  bad = {k: v for k, v in options.items() if not isinstance(v, (str, bool, int, float))}
+  if bad:
+    raise ValueError(f'compiler_options values must be strings, numbers or booleans; found '
+                     f'{bad}.')
+  try:  # XLA checks names and values when it compiles: a trivial program, before any work.
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.float32(0)).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'XLA refused compiler_options {options}: {first}') from None
+
+
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Everything that can be checked before loading weights or compiling."""
   adapter_spec(config)
   loss_name(config)
   label_rules(config)
+  _check_compiler_options(config)
   sharding_lib.batch_size_per_shard(mesh, config.batch_size, 'batch_size')
   sharding_lib.batch_size_per_shard(mesh, config.eval_batch_size, 'eval_batch_size')
   if config.total_steps < 1:

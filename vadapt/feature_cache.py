@@ -398,7 +398,7 @@ def _compute(exp: Experiment, delta: Any,
       variables = partition.to_variables(partition.merge(delta, frozen))
       return module_input(exp.model, variables, images, rng, at)[0]
   forward = jax.jit(forward, in_shardings=(exp.delta_shardings, exp.frozen_shardings, batch_sh),
-                    out_shardings=repl)
+                    out_shardings=repl, compiler_options=experiment.compiler_options(c))
   batches = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), max(c.prefetch, 1),
                                               batch_sh)
   out, pending = [], None

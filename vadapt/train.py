@@ -301,7 +301,7 @@ def train_experiment(exp: Experiment, workdir: str, *, export: bool = True) -> T
                       update_batch_stats=experiment.train_batch_norm(c)),
       in_shardings=(exp.delta_shardings, opt_sh, exp.frozen_shardings, batch_sh, repl),
       out_shardings=(exp.delta_shardings, opt_sh, repl),
-      donate_argnums=(0, 1))
+      donate_argnums=(0, 1), compiler_options=experiment.compiler_options(c))
   eval_step = evaluate_lib.jit_eval_step(exp)
   final_metrics: dict[str, float] = {}
 

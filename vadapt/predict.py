@@ -129,7 +129,8 @@ class Predictor:
                                    rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
     params = ckpt_lib.load_adapter(adapter_path, model, params)
     self._params = host_memory.to_device(params)  # Never both whole copies at once.
-    self._logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+    self._logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False),
+                           compiler_options=experiment.compiler_options(config))
     self._size = int(meta.get('image_size') or config.backbone.image_size)
     self._family = meta.get('preprocess') or config.get('preprocess', 'vit')
     self._crop = meta.get('eval_crop_fraction')

@@ -189,7 +189,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.compiler_options = ml_collections.ConfigDict()
   # CPU only (ignored on accelerators): every matmul as its own YNNPACK call rather than inside
   # XLA's dot fusions. Faster for frozen-backbone training of small ViTs on CPU (ViT-Ti/4 adapters
-  # +10-30% on a 2-core AMD EPYC), slower for full fine-tuning; benchmarks/results/peers_*.md.
+  # +3-25% on a 2-core AMD EPYC), slower for full fine-tuning and for ViT-B/16 (4-5%):
+  # benchmarks/results/peers_cpu_amd_all_methods.md.
   c.xla_cpu_individual_dots = False
 
   c.mesh = ml_collections.ConfigDict()

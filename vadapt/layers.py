@@ -23,9 +23,10 @@ def gelu_exact(x: jax.Array) -> jax.Array:
   """GELU's exact form as PyTorch computes it, x * (1 + erf(x / sqrt(2))) / 2.
 
   jax.nn.gelu(approximate=False) evaluates the same function through erfc, which XLA:CPU runs
-  about 2.3x slower than erf (2.6 ms against 1.1 ms on ViT-Ti/4's [4160, 768] MLP activation,
-  2-core AMD EPYC); the two agree to 1e-6 where the value is not negligible (below about
-  x = -5 this form, as PyTorch's, returns 0 where erfc's keeps a tiny negative value).
+  about 2.4x slower than erf (2.7 ms against 1.1 ms on ViT-Ti/4's [4160, 768] MLP activation,
+  2-core AMD EPYC: benchmarks/results/gelu_forms_cpu_amd.md); the two agree to 1e-6 where the
+  value is not negligible (below about x = -5 this form, as PyTorch's, returns 0 where erfc's
+  keeps a tiny negative value).
   """
   return x * (jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)) + 1) * 0.5
 

@@ -170,6 +170,7 @@ def _worker(args) -> dict:
       'trainable': total - counts.get('frozen', 0),
       'total': total,
       'sec_per_step': sec,
+      'step_times': times,
       'img_per_sec': args.batch_size / sec,
       'compile_s': compile_s,
       'step_gflop': _gflop(compiled),

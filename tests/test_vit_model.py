@@ -120,6 +120,50 @@ def test_recompute_activation_keeps_the_function_and_its_gradient_and_keeps_less
   # One f32 [B, T, mlp] array a block with the memory-ordered scheduler; XLA's default scheduler
   # reuses part of it anyway, so only a strict saving is asserted here.
   assert temp(lean) < temp(plain)
+  # What the gradient of every weight (full fine-tuning) keeps of the MLP hidden: Dense_1's weight
+  # gradient reads the activation's output, recomputed from Dense_0's matmul output, the one
+  # hidden-sized array a block kept.
+  assert _hidden_residuals(lean, params, x, mlp) == ['dot_general'] * layers
+  assert len(_hidden_residuals(plain, params, x, mlp)) > layers
+
+
+def _hidden_residuals(model, params, x, width):
+  """The primitives whose [B, T, width] outputs the gradient keeps for its backward pass (from
+  jax.ad_checkpoint.print_saved_residuals: 'f32[2,17,256] output of dot_general from ...')."""
+  import contextlib, io, re  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from jax.ad_checkpoint import print_saved_residuals  # pylint: disable=g-import-not-at-top
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(
+        lambda p: jnp.sum(model.apply({'params': p}, x) ** 2), params)
+  return re.findall(rf'^\w+\[\d+,\d+,{width}\] output of (\w+)', out.getvalue(), re.M)
+
+
+@pytest.mark.parametrize('method,options', [
+    ('pfeiffer', dict(bottleneck=4)),  # An adapter on the MLP's output, inside its remat.
+    ('lora', dict(rank=2, modules=('fc1', 'fc2'))),  # Low-rank updates of both MLP matmuls.
+    ('ia3', dict(modules=('fc2',))),  # A scale on the activation's output (Dense_1's input).
+])
+def test_recompute_activation_with_adapters_in_the_mlp(method, options):
+  """Methods placed inside the recomputed MLP: the same forward pass and gradients."""
+  from vadapt import api  # pylint: disable=g-import-not-at-top
+  kwargs = dict(num_classes=10, patch_size=4, hidden_size=32, num_layers=2, num_heads=2,
+                mlp_dim=64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  plain = api.adapt(vit.VisionTransformer(**kwargs), method, **options)
+  lean = api.adapt(vit.VisionTransformer(**kwargs, recompute_activation=True), method, **options)
+  params = plain.init(jax.random.PRNGKey(0), x)['params']
+  # Adapters away from their identity init, so their gradients reach the backbone's.
+  params = jax.tree.map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size).reshape(p.shape)),
+                        params)
+  assert jax.tree.map(jnp.shape, lean.init(jax.random.PRNGKey(0), x)['params']) == (
+      jax.tree.map(jnp.shape, params))
+  loss = lambda model: jax.jit(jax.value_and_grad(
+      lambda p: jnp.sum(model.apply({'params': p}, x) ** 2)))
+  (l_plain, g_plain), (l_lean, g_lean) = loss(plain)(params), loss(lean)(params)
+  np.testing.assert_allclose(l_lean, l_plain, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_lean)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
 
 
 def test_recompute_activation_from_the_config():

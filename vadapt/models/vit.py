@@ -66,6 +66,14 @@ REMAT_POLICIES = {
 ATTENTION_EINSUM = lambda: head_major_einsum
 
 
+# What a transformer block's MLP keeps for the backward pass under recompute_activation: the
+# outputs of its matmuls (Dense_0's is the activation's input); the backward pass recomputes the
+# element-wise work from them (the activation, bias adds, and the same inside any adapter there).
+# A trained Dense_1 (full fine-tuning, a weight-space method on it) needs the activation's output
+# for its weight gradient: recomputed too, instead of kept as a second hidden-sized array a block.
+RECOMPUTE_MLP_POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
 def get_remat_policy(name: str):
   if name not in REMAT_POLICIES:
     raise ValueError(f'Unknown remat policy {name!r}; known: {sorted(REMAT_POLICIES)}.')
@@ -91,7 +99,7 @@ class MlpBlock(nn.Module):
     dropout_rate: dropout after each Dense.
     recompute_activation: recompute the MLP activation in the backward pass from its input
       instead of keeping its internals (tanh-GELU: one hidden-sized array a block less; the
-      gradient's last bits may differ).
+      gradient's last bits may differ). Encoder1DBlock does more: see RECOMPUTE_MLP_POLICY.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
@@ -204,9 +212,12 @@ class Encoder1DBlock(nn.Module):
     x = x + inputs
 
     y = norm('LayerNorm_1')(x)
-    y = MlpBlock(
+    # recompute_activation: the remat around the whole MLP replaces MlpBlock's own.
+    mlp_cls = (nn.remat(MlpBlock, policy=RECOMPUTE_MLP_POLICY) if self.recompute_activation
+               else MlpBlock)
+    y = mlp_cls(
         mlp_dim=self.mlp_dim, activation=self.activation, gated=self.gated_mlp,
-        dropout_rate=self.dropout_rate, recompute_activation=self.recompute_activation,
+        dropout_rate=self.dropout_rate,
         dtype=self.dtype, param_dtype=self.param_dtype, name='MlpBlock_0',
     )(y, deterministic=deterministic)
     if self.layer_scale_init is not None:

@@ -100,10 +100,12 @@ def base_config() -> ml_collections.ConfigDict:
   # With remat, what each block keeps: 'nothing' (least memory) or 'dots' (Dense outputs: most
   # of the saving for adapters at little extra compute). ViT only.
   c.backbone.remat_policy = 'nothing'
-  # Recompute each MLP activation (GELU) in the backward pass from its input instead of keeping
-  # its internals: one hidden-sized array per block less (peak RSS of Pfeiffer/LoRA 10-13% lower
-  # at equal speed, benchmarks/results/peers_recompute_activation_cpu_amd.md); the gradient's
-  # last bits may differ, so it is opt-in. Transformer backbones (vit, dinov2, clip).
+  # Recompute each MLP's element-wise work (the GELU, and with a trained Dense_1 the activation
+  # its weight gradient reads) in the backward pass from the MLP's matmul outputs instead of
+  # keeping it: one or two hidden-sized arrays per block less (peak RSS of Pfeiffer/LoRA 10-13%
+  # lower at equal speed, benchmarks/results/peers_recompute_activation_cpu_amd.md; full
+  # fine-tuning's XLA step memory 4-9% lower); the gradient's last bits may differ, so it is
+  # opt-in. Transformer backbones (vit, dinov2, clip).
   c.backbone.recompute_activation = False
   # Zero the loaded head even when its class count matches (the new task's labels differ).
   c.backbone.reset_head = False
@@ -188,9 +190,10 @@ def base_config() -> ml_collections.ConfigDict:
   # before any work.
   c.compiler_options = ml_collections.ConfigDict()
   # CPU only (ignored on accelerators): every matmul as its own YNNPACK call rather than inside
-  # XLA's dot fusions. Faster for frozen-backbone training of small ViTs on CPU (ViT-Ti/4 adapters
-  # +3-25% on a 2-core AMD EPYC), slower for full fine-tuning and for ViT-B/16 (4-5%):
-  # benchmarks/results/peers_cpu_amd_all_methods.md.
+  # XLA's dot fusions. On a 2-core AMD EPYC, measured in one process step by step
+  # (benchmarks/results/ab_step_cpu_amd.md): frozen-backbone methods at ViT-Ti's width 192 run
+  # 1.10x (Pfeiffer) to 1.25x (LoRA) faster; at width 384 (ViT-S) even, at 768 (ViT-B) 3% slower;
+  # full fine-tuning 8-10% slower at every width. So: on for adapters/LoRA on ViT-Ti-sized models.
   c.xla_cpu_individual_dots = False
 
   c.mesh = ml_collections.ConfigDict()

@@ -102,10 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone.remat_policy = 'nothing'
   # Recompute each MLP's element-wise work (the GELU, and with a trained Dense_1 the activation
   # its weight gradient reads) in the backward pass from the MLP's matmul outputs instead of
-  # keeping it: one or two hidden-sized arrays per block less (peak RSS of Pfeiffer/LoRA 10-13%
-  # lower at equal speed, benchmarks/results/peers_recompute_activation_cpu_amd.md; full
-  # fine-tuning's XLA step memory 4-9% lower); the gradient's last bits may differ, so it is
-  # opt-in. Transformer backbones (vit, dinov2, clip).
+  # keeping it: one or two hidden-sized arrays per block less (XLA step memory 12-21% lower for
+  # Pfeiffer, LoRA and full fine-tuning on ViT-Ti/S/B at the same speed,
+  # benchmarks/results/ab_step_cpu_amd.md); the gradient's last bits may differ, so it is opt-in.
+  # Transformer backbones (vit, dinov2, clip).
   c.backbone.recompute_activation = False
   # Zero the loaded head even when its class count matches (the new task's labels differ).
   c.backbone.reset_head = False

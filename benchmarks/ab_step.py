@@ -6,9 +6,10 @@ hold on a machine whose speed drifts.
   python benchmarks/ab_step.py --suites=B16 --methods=full \
       --variants='plain=;act=backbone.recompute_activation=True'
 
-On a shared 2-core machine the matmul rate itself wanders by +-12% over seconds (numpy's
-1576x768x3072 product measured 137-174 GFLOP/s in one minute), so two configurations timed in
-separate processes a minute apart differ by as much as the effects being measured. Here every
+On a shared 2-core machine the speed itself drifts (the PyTorch peer's own ViT-B/16 full
+fine-tuning step ran at 1.50 img/s in results/peers_cpu_amd_all_methods.md and at 1.15 in
+results/peers_cpu_amd_full_act.md, same machine kind), so two configurations timed in separate
+processes can differ by as much as the effects being measured. Here every
 variant is compiled in the same process with the trainer's own pieces (vadapt.experiment and
 vadapt.train, as benchmarks/train_step.py builds them), then the rounds run one step of each
 variant back to back, rotating the order; each variant's time is set against the first variant's
@@ -80,10 +81,8 @@ def _set(config, key: str, value) -> None:
 def build(args, suite: str, method: str, overrides: dict):
   """(compiled step, [delta, opt_state, frozen, batch], XLA step MiB, GFLOP) for one variant."""
   import jax
-  import jax.numpy as jnp
   import ml_collections
-  import numpy as np
-  from vadapt import api, experiment, partition, train
+  from vadapt import experiment, train
   variant, patch, size, batch_size = SUITES[suite]
   method, _, option = method.partition('+')
   config = train_step.trainer_config(
@@ -94,29 +93,13 @@ def build(args, suite: str, method: str, overrides: dict):
     _set(config, key, value)
   num_classes = 100
   model, backbone = experiment.build_model(config, num_classes)
-  images = jnp.zeros((1, size, size, 3), jnp.float32)
-  rng = jax.random.PRNGKey(0)
-
-  def init_params(rng):
-    params = backbone.init(rng, images, train=False)['params']
-    return params if model is backbone else api.init_with_pretrained(model, params, rng, images)
-
-  labels = partition.label_tree(jax.eval_shape(init_params, rng), experiment.label_rules(config))
-  delta, frozen = jax.jit(lambda r: partition.split(init_params(r), labels))(rng)
-  schedule = experiment.make_schedule(config)
-  tx = experiment.make_optimizer(config, partition.split(labels, labels)[0], schedule)
-  opt_state = jax.jit(tx.init)(delta)
-  data = np.random.default_rng(0)
-  batch = {'image': jnp.asarray(data.normal(size=(batch_size, size, size, 3)), jnp.float32),
-           'label': jnp.asarray(data.integers(0, num_classes, batch_size), jnp.int32)}
+  _, delta, frozen, schedule, tx, opt_state, batch = train_step.init_state(
+      config, model, backbone, size, batch_size, num_classes)
   step = jax.jit(train.make_train_step(model, tx, schedule, num_classes=num_classes,
                                        label_smoothing=0.0, seed=0),
                  donate_argnums=(0, 1), compiler_options=experiment.compiler_options(config))
   compiled = step.lower(delta, opt_state, frozen, batch, 0).compile()
-  mem = compiled.memory_analysis()
-  step_mib = None if mem is None else (
-      mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-      - mem.alias_size_in_bytes) / 2 ** 20
+  step_mib = train_step.xla_step_mib(compiled)
   return compiled, [delta, opt_state, frozen, batch], step_mib, train_step._gflop(compiled)  # pylint: disable=protected-access
 
 

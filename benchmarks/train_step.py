@@ -66,13 +66,51 @@ def _gflop(compiled) -> Optional[float]:
 _LAYER_NORM = {'default': None, 'true': True, 'false': False}
 
 
+def xla_step_mib(compiled) -> Optional[float]:
+  """XLA's own plan for one call, in MiB: buffers live during it (activations, grads, updates)
+  plus the arguments it reads, less what outputs alias; None where XLA has no memory analysis."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+          - mem.alias_size_in_bytes) / 2 ** 20
+
+
+def init_state(config, model, backbone, image_size: int, batch_size: int, num_classes: int):
+  """(labels, delta, frozen, schedule, tx, opt_state, batch) as the trainer builds them, on a
+  random init and a random batch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vadapt import api, experiment, partition  # pylint: disable=g-import-not-at-top
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  rng = jax.random.PRNGKey(0)
+
+  def init_params(rng):
+    params = backbone.init(rng, images, train=False)['params']
+    return params if model is backbone else api.init_with_pretrained(model, params, rng, images)
+
+  # Shapes first, then one jitted init that returns the two halves: the full tree never exists
+  # as a separate copy, and no second compile runs for the adapters' initialisation.
+  labels = partition.label_tree(jax.eval_shape(init_params, rng), experiment.label_rules(config))
+  delta, frozen = jax.jit(lambda r: partition.split(init_params(r), labels))(rng)
+  schedule = experiment.make_schedule(config)
+  tx = experiment.make_optimizer(config, partition.split(labels, labels)[0], schedule)
+  opt_state = jax.jit(tx.init)(delta)
+  data_rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(data_rng.normal(size=(batch_size, image_size, image_size, 3)),
+                                jnp.float32),
+           'label': jnp.asarray(data_rng.integers(0, num_classes, batch_size), jnp.int32)}
+  return labels, delta, frozen, schedule, tx, opt_state, batch
+
+
 def _worker(args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
   assert 'tensorflow' not in sys.modules
 
-  from vadapt import api, experiment, feature_cache, host_memory, partition, train
+  from vadapt import experiment, feature_cache, host_memory, partition, train
   rss_imports = _rss_mib()
   method, _, option = args.method.partition('+')
   if method == 'forward':
@@ -101,23 +139,8 @@ def _worker(args) -> dict:
       layers=layers)
 
   model, backbone = experiment.build_model(config, num_classes)
-
-  def init_params(rng):
-    params = backbone.init(rng, images, train=False)['params']
-    return params if model is backbone else api.init_with_pretrained(model, params, rng, images)
-
-  # Shapes first, then one jitted init that returns the two halves: the full tree never exists
-  # as a separate copy, and no second compile runs for the adapters' initialisation.
-  labels = partition.label_tree(jax.eval_shape(init_params, rng), experiment.label_rules(config))
-  delta, frozen = jax.jit(lambda r: partition.split(init_params(r), labels))(rng)
-  delta_labels, _ = partition.split(labels, labels)
-  schedule = experiment.make_schedule(config)
-  tx = experiment.make_optimizer(config, delta_labels, schedule)
-  opt_state = jax.jit(tx.init)(delta)
-  data_rng = np.random.default_rng(0)
-  batch = {'image': jnp.asarray(data_rng.normal(size=(args.batch_size, args.image_size,
-                                                      args.image_size, 3)), jnp.float32),
-           'label': jnp.asarray(data_rng.integers(0, num_classes, args.batch_size), jnp.int32)}
+  labels, delta, frozen, schedule, tx, opt_state, batch = init_state(
+      config, model, backbone, args.image_size, args.batch_size, num_classes)
   step_model, prefix_s = model, None
   if top and top[2]:
     # What the trainer does with cache_features: the prefix runs once per example (timed here on
@@ -148,11 +171,7 @@ def _worker(args) -> dict:
   host_memory.release()  # As the trainer does between compiling and the first step.
   # XLA's own plan for one step: buffers live during the step (activations, grads, updates)
   # plus the arguments it reads (frozen backbone, delta, optimizer state).
-  mem = compiled.memory_analysis()
-  step_mib = None
-  if mem is not None:
-    step_mib = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-                - mem.alias_size_in_bytes) / 2 ** 20
+  step_mib = xla_step_mib(compiled)
   delta, opt_state, m = compiled(delta, opt_state, frozen, batch, 0)
   jax.block_until_ready(m)
   times = []

@@ -1,0 +1,27 @@
+"""benchmarks/step_profile.py: op time is split between ops that ran at once."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+sys.path.insert(0, _DIR)
+_spec = importlib.util.spec_from_file_location('step_profile', os.path.join(_DIR, 'step_profile.py'))
+step_profile = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(step_profile)
+
+
+def test_concurrent_ops_share_the_time_they_overlap():
+  # a alone 0-4, a and b at once 4-6, b alone 6-7, c alone 10-12 (a gap 7-10 counts for none).
+  time_of, overlapped = step_profile.attributed_time(
+      [('a', 0, 6), ('b', 4, 7), ('c', 10, 12)])
+  assert time_of == {'a': 5.0, 'b': 2.0, 'c': 2.0}
+  assert overlapped == pytest.approx(4 / 11)  # 2 x 2 of the 11 summed.
+
+
+def test_the_same_op_twice_at_once_and_back_to_back():
+  time_of, overlapped = step_profile.attributed_time([('a', 0, 2), ('a', 0, 2), ('a', 2, 3)])
+  assert time_of == {'a': 3.0}
+  assert overlapped == pytest.approx(4 / 5)

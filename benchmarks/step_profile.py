@@ -199,6 +199,7 @@ def attributed_time(intervals) -> tuple[collections.Counter, float]:
   the cores, so an op's own event duration overstates its cost; each stretch of time is split
   evenly among the ops running in it. The share is the summed durations' part that overlapped.
   """
+  intervals = [iv for iv in intervals if iv[2] > iv[1]]  # An empty event costs nothing.
   bounds = sorted({t for _, start, end in intervals for t in (start, end)})
   starts = collections.defaultdict(list)
   ends = collections.defaultdict(list)

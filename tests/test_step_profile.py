@@ -22,6 +22,7 @@ def test_concurrent_ops_share_the_time_they_overlap():
 
 
 def test_the_same_op_twice_at_once_and_back_to_back():
-  time_of, overlapped = step_profile.attributed_time([('a', 0, 2), ('a', 0, 2), ('a', 2, 3)])
-  assert time_of == {'a': 3.0}
-  assert overlapped == pytest.approx(4 / 5)
+  time_of, overlapped = step_profile.attributed_time(
+      [('a', 0, 2), ('a', 0, 2), ('a', 2, 3), ('empty', 1, 1), ('b', 5, 6)])
+  assert time_of == {'a': 3.0, 'b': 1.0}
+  assert overlapped == pytest.approx(4 / 6)

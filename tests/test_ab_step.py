@@ -1,17 +1,12 @@
 """benchmarks/ab_step.py: variant parsing and one tiny in-process A/B through the trainer's step."""
 
 import argparse
-import importlib.util
-import os
-import sys
 
 import pytest
 
-_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
-sys.path.insert(0, _DIR)
-_spec = importlib.util.spec_from_file_location('ab_step', os.path.join(_DIR, 'ab_step.py'))
-ab_step = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ab_step)
+import benchmark_module
+
+ab_step = benchmark_module.load('ab_step.py')
 
 
 def test_parse_variants():

@@ -1,19 +1,15 @@
 """benchmarks/peers/matmul.py: the backward-pass layouts are the products they are named for."""
 
 import contextlib
-import importlib.util
 import io
 import json
-import os
 
 import jax
 import numpy as np
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks',
-                     'peers', 'matmul.py')
-_spec = importlib.util.spec_from_file_location('matmul_limit', _PATH)
-matmul = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(matmul)
+import benchmark_module
+
+matmul = benchmark_module.load('peers/matmul.py')
 
 
 def test_layouts_are_the_dense_layers_forward_and_gradient_products():

@@ -1,16 +1,11 @@
 """benchmarks/step_profile.py: op time is split between ops that ran at once."""
 
-import importlib.util
-import os
-import sys
 
 import pytest
 
-_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
-sys.path.insert(0, _DIR)
-_spec = importlib.util.spec_from_file_location('step_profile', os.path.join(_DIR, 'step_profile.py'))
-step_profile = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(step_profile)
+import benchmark_module
+
+step_profile = benchmark_module.load('step_profile.py')
 
 
 def test_concurrent_ops_share_the_time_they_overlap():

@@ -1,6 +1,5 @@
 """benchmarks/step_profile.py: op time is split between ops that ran at once."""
 
-
 import pytest
 
 import benchmark_module
@@ -16,7 +15,7 @@ def test_concurrent_ops_share_the_time_they_overlap():
   assert overlapped == pytest.approx(4 / 11)  # 2 x 2 of the 11 summed.
 
 
-def test_the_same_op_twice_at_once_and_back_to_back():
+def test_the_same_op_twice_at_once_then_again_and_an_empty_event():
   time_of, overlapped = step_profile.attributed_time(
       [('a', 0, 2), ('a', 0, 2), ('a', 2, 3), ('empty', 1, 1), ('b', 5, 6)])
   assert time_of == {'a': 3.0, 'b': 1.0}

@@ -11,7 +11,7 @@
 `--layouts` adds, in float32, the same Dense layer's two backward-pass products with the same
 FLOPs: the input gradient dy @ W^T (`_dgrad`, what every method's backward pass runs through the
 frozen backbone) and the weight gradient x^T @ dy (`_wgrad`, what full fine-tuning adds for each
-frozen-free weight), next to the forward x @ W (`_fwd`); for jax also under XLA:CPU's individual
+trained weight), next to the forward x @ W (`_fwd`); for jax also under XLA:CPU's individual
 YNNPACK dots (`jax_ynn_*`, what `config.xla_cpu_individual_dots` sets). They run in `--rounds`
 interleaved rounds (each the median of 5 calls; the result the median over rounds), as this
 machine's speed drifts between seconds. A layout far below the forward's rate is where a train

@@ -21,8 +21,8 @@ demo: venv
 	    --mode=compare
 
 # Two workers, each test file whole in one of them (its module fixtures, such as the real-weights
-# fetch and the compiler settings the DINOv2 transfer tests switch, run once): 1.4x faster on two
-# cores than one process, where much of the time is single-threaded compiling and Python.
+# fetch and the compiler settings the DINOv2 transfer tests switch, run once); much of the suite's
+# time is single-threaded compiling and Python, which a second process overlaps on a second core.
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 

@@ -46,7 +46,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vadapt import api, experiment, losses, partition, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vadapt import experiment, losses, partition, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position  (benchmarks/)
 
 NUM_CLASSES = 100
@@ -62,23 +62,8 @@ def _phases(args):
   """{phase: (jitted fn, args)} built from the trainer's own pieces."""
   config = _config(args)
   model, backbone = experiment.build_model(config, NUM_CLASSES)
-  one = jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32)
-
-  def init_params(rng):
-    params = backbone.init(rng, one, train=False)['params']
-    return params if model is backbone else api.init_with_pretrained(model, params, rng, one)
-
-  rng = jax.random.PRNGKey(0)
-  labels = partition.label_tree(jax.eval_shape(init_params, rng), experiment.label_rules(config))
-  delta, frozen = jax.jit(lambda r: partition.split(init_params(r), labels))(rng)
-  delta_labels, _ = partition.split(labels, labels)
-  schedule = experiment.make_schedule(config)
-  tx = experiment.make_optimizer(config, delta_labels, schedule)
-  opt_state = jax.jit(tx.init)(delta)
-  data = np.random.default_rng(0)
-  batch = {'image': jnp.asarray(data.normal(size=(args.batch_size, args.image_size,
-                                                  args.image_size, 3)), jnp.float32),
-           'label': jnp.asarray(data.integers(0, NUM_CLASSES, args.batch_size), jnp.int32)}
+  _, delta, frozen, schedule, tx, opt_state, batch = train_step.init_state(
+      config, model, backbone, args.image_size, args.batch_size, NUM_CLASSES)
 
   def logits(d, f, b, train_mode):
     return model.apply({'params': partition.merge(d, f)}, b['image'], train=train_mode,
@@ -210,10 +195,10 @@ def attributed_time(intervals) -> tuple[collections.Counter, float]:
   time_of = collections.Counter()
   raw = sum(end - start for _, start, end in intervals)
   overlapped = 0.0
-  for t, t_next in zip(bounds, bounds[1:] + bounds[-1:]):
+  for t, t_next in zip(bounds, bounds[1:]):  # Nothing runs after the last bound.
     active.difference_update(ends[t])
     active.update(starts[t])
-    if active and t_next > t:
+    if active:
       for i in active:
         time_of[intervals[i][0]] += (t_next - t) / len(active)
       if len(active) > 1:

@@ -14,7 +14,7 @@ matmul = benchmark_module.load('peers/matmul.py')
 
 def test_layouts_are_the_dense_layers_forward_and_gradient_products():
   m, k, n = matmul.SHAPES['tiny']
-  operands = matmul._layout_operands(np, m, k, n)  # pylint: disable=protected-access
+  operands = matmul._layout_operands(m, k, n)  # pylint: disable=protected-access
   x, w = operands['fwd']
   dy = operands['dgrad'][0]
   expected = {'fwd': x @ w, 'dgrad': dy @ w.T, 'wgrad': x.T @ dy}

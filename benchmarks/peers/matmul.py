@@ -26,6 +26,8 @@ import os
 import statistics
 import time
 
+import numpy as np
+
 SHAPES = {'b16': (1576, 768, 3072), 'ti4': (4160, 192, 768), 'tiny': (24, 8, 16)}
 THREADS = int(os.environ.get('BENCH_THREADS', '2'))
 
@@ -40,7 +42,7 @@ def _gflops(fn, flops: float, repeats: int = 10) -> float:
   return flops / statistics.median(times) / 1e9
 
 
-def _layout_operands(np, m: int, k: int, n: int) -> dict:
+def _layout_operands(m: int, k: int, n: int) -> dict:
   """{layout: (lhs, rhs)} for one Dense layer x[m,k] @ w[k,n], all three with 2mkn FLOPs."""
   rng = np.random.default_rng(1)
   x = rng.standard_normal((m, k), dtype=np.float32)
@@ -64,12 +66,11 @@ def main(argv=None) -> None:
   m, k, n = SHAPES[args.shape]
   flops = 2 * m * k * n
 
-  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   a32 = rng.standard_normal((m, k), dtype=np.float32)
   b32 = rng.standard_normal((k, n), dtype=np.float32)
   out = {'shape': [m, k, n], 'numpy_float32': _gflops(lambda: a32 @ b32, flops)}
-  layouts = _layout_operands(np, m, k, n) if args.layouts else {}
+  layouts = _layout_operands(m, k, n) if args.layouts else {}
   timed = {}  # The layouts' products, timed in interleaved rounds below.
   try:
     import torch  # pylint: disable=g-import-not-at-top
